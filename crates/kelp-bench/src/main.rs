@@ -1,0 +1,493 @@
+//! kelp-bench: kelp-amqp vs lapin vs amqprs, one scenario at a time.
+//!
+//! ```text
+//! cargo run --release -p kelp-bench -- <scenario> [--url URL] [--count N]
+//!     [--clients kelp,lapin,amqprs] [--repeat R] [--window W]
+//! ```
+//!
+//! Scenarios: `publish`, `confirm`, `consume`, `rpc` (against a broker), `sink` (against a
+//! fake server in a child process), `decode` (no I/O at all), or `all`. Each prints one line
+//! per client, `<scenario> <client:10> <msgs/s> msgs/s  <cpu µs/msg> µs/msg cpu  [p50 … p99 …]`,
+//! then `kelp-amqp vs <other>: …x msgs/s, …x cpu/msg[, …x p50]` ratio lines.
+
+mod amqprs_client;
+mod decode;
+#[cfg(feature = "kelp")]
+mod kelp_client;
+mod lapin_client;
+mod report;
+mod sink;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+
+use report::{format_line, format_ratio, Measurement, Timer};
+
+/// Errors inside the bench: anything, and sendable across tasks.
+pub type BenchError = Box<dyn std::error::Error + Send + Sync>;
+pub type BenchResult<T> = Result<T, BenchError>;
+
+/// Body size of every message.
+pub const MSG_SIZE: usize = 100;
+/// The body of every published message.
+pub static PAYLOAD: [u8; MSG_SIZE] = [b'x'; MSG_SIZE];
+/// basic.qos prefetch count in `consume`.
+pub const PREFETCH: u16 = 1000;
+/// Pause between passive queue.declare polls while waiting for the broker to hold N messages.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(1);
+/// Upper bound on one client run, so a wedged client cannot hang the bench.
+const RUN_TIMEOUT: Duration = Duration::from_secs(600);
+
+const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+const DEFAULT_WINDOW: usize = 1000;
+
+const USAGE: &str = "\
+usage: kelp-bench <scenario> [--url URL] [--count N] [--clients kelp,lapin,amqprs] [--repeat R] [--window W]
+
+scenarios (default count):
+  publish   100-byte messages to a fresh queue, no confirms, until the broker holds all (100000)
+  confirm   the same in confirm mode, until all confirmed; W outstanding at most       (100000)
+  consume   prefill, then consume with prefetch 1000 and ack each                        (100000)
+  rpc       sequential request/reply round trips over two connections, p50/p99          (5000)
+  sink      publishes to a fake in-bench server in a child process, no broker          (1000000)
+  decode    a recorded stream of deliveries through each client's frame decoder        (1000000)
+  all       every scenario above in turn
+
+options:
+  --url URL        broker URL (default amqp://guest:guest@127.0.0.1:5672/%2f)
+  --count N        messages (round trips for rpc) per client run
+  --clients LIST   which of kelp,lapin,amqprs to run (always measured in that order)
+  --repeat R       run each client R times and report the best (default 1)
+  --window W       outstanding confirms in `confirm` (default 1000)";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scenario {
+    Publish,
+    Confirm,
+    Consume,
+    Rpc,
+    Sink,
+    Decode,
+}
+
+impl Scenario {
+    const ALL: [Self; 6] = [
+        Self::Publish,
+        Self::Confirm,
+        Self::Consume,
+        Self::Rpc,
+        Self::Sink,
+        Self::Decode,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Publish => "publish",
+            Self::Confirm => "confirm",
+            Self::Consume => "consume",
+            Self::Rpc => "rpc",
+            Self::Sink => "sink",
+            Self::Decode => "decode",
+        }
+    }
+
+    fn default_count(self) -> u64 {
+        match self {
+            Self::Publish | Self::Confirm | Self::Consume => 100_000,
+            Self::Rpc => 5_000,
+            Self::Sink | Self::Decode => 1_000_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Client {
+    Kelp,
+    Lapin,
+    Amqprs,
+}
+
+impl Client {
+    /// Measurement order.
+    const ALL: [Self; 3] = [Self::Kelp, Self::Lapin, Self::Amqprs];
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Kelp => "kelp-amqp",
+            Self::Lapin => "lapin",
+            Self::Amqprs => "amqprs",
+        }
+    }
+
+    fn parse(s: &str) -> BenchResult<Self> {
+        match s {
+            "kelp" | "kelp-amqp" => Ok(Self::Kelp),
+            "lapin" => Ok(Self::Lapin),
+            "amqprs" => Ok(Self::Amqprs),
+            other => {
+                Err(format!("unknown client {other:?} (expected kelp, lapin or amqprs)").into())
+            }
+        }
+    }
+}
+
+/// What one client run needs to know.
+#[derive(Debug, Clone)]
+pub struct Opts {
+    pub url: String,
+    pub count: u64,
+    pub window: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct Config {
+    scenarios: Vec<Scenario>,
+    url: String,
+    count: Option<u64>,
+    clients: Vec<Client>,
+    repeat: usize,
+    window: usize,
+}
+
+fn parse_args(args: &[String]) -> BenchResult<Option<Config>> {
+    let mut scenarios = None;
+    let mut cfg = Config {
+        scenarios: Vec::new(),
+        url: DEFAULT_URL.to_owned(),
+        count: None,
+        clients: Client::ALL.to_vec(),
+        repeat: 1,
+        window: DEFAULT_WINDOW,
+    };
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((flag, value)) if arg.starts_with("--") => (flag, Some(value.to_owned())),
+            _ => (arg.as_str(), None),
+        };
+        let mut value = || {
+            inline
+                .clone()
+                .or_else(|| it.next().cloned())
+                .ok_or(format!("{flag} needs a value"))
+        };
+        match flag {
+            "-h" | "--help" => return Ok(None),
+            "--url" => cfg.url = value()?,
+            "--count" => cfg.count = Some(value()?.parse()?),
+            "--repeat" => cfg.repeat = value()?.parse::<usize>()?.max(1),
+            "--window" => cfg.window = value()?.parse::<usize>()?.max(1),
+            "--clients" => {
+                let wanted = value()?
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(Client::parse)
+                    .collect::<BenchResult<Vec<_>>>()?;
+                cfg.clients = Client::ALL
+                    .into_iter()
+                    .filter(|c| wanted.contains(c))
+                    .collect();
+            }
+            f if f.starts_with('-') => return Err(format!("unknown option {f}\n\n{USAGE}").into()),
+            name if scenarios.is_none() => {
+                scenarios = Some(match name {
+                    "all" => Scenario::ALL.to_vec(),
+                    _ => vec![Scenario::ALL
+                        .into_iter()
+                        .find(|s| s.name() == name)
+                        .ok_or_else(|| format!("unknown scenario {name:?}\n\n{USAGE}"))?],
+                });
+            }
+            extra => return Err(format!("unexpected argument {extra:?}").into()),
+        }
+    }
+    cfg.scenarios = scenarios.ok_or(format!("no scenario given\n\n{USAGE}"))?;
+    Ok(Some(cfg))
+}
+
+/// A queue name no other run uses.
+pub fn fresh_queue_name(client: &str, scenario: &str) -> String {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let millis = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or_default();
+    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+    format!(
+        "kelp-bench-{scenario}-{client}-{}-{millis}-{seq}",
+        std::process::id()
+    )
+}
+
+/// What a client run produced.
+#[derive(Debug)]
+enum Outcome {
+    Done(Measurement),
+    /// Nothing to measure for this client; the reason is printed once.
+    Skipped(String),
+}
+
+/// One run of a scenario that goes over the network (broker or sink).
+async fn network_run(client: Client, scenario: Scenario, opts: &Opts) -> BenchResult<Outcome> {
+    let m = match (client, scenario) {
+        (Client::Kelp, _) => return kelp_network_run(scenario, opts).await,
+        (Client::Lapin, Scenario::Publish) => lapin_client::publish(opts, false).await?,
+        (Client::Lapin, Scenario::Confirm) => lapin_client::publish(opts, true).await?,
+        (Client::Lapin, Scenario::Consume) => lapin_client::consume(opts).await?,
+        (Client::Lapin, Scenario::Rpc) => lapin_client::rpc(opts).await?,
+        (Client::Lapin, Scenario::Sink) => lapin_client::sink(&opts.url, opts.count).await?,
+        (Client::Amqprs, Scenario::Publish) => amqprs_client::publish(opts, false).await?,
+        (Client::Amqprs, Scenario::Confirm) => amqprs_client::publish(opts, true).await?,
+        (Client::Amqprs, Scenario::Consume) => amqprs_client::consume(opts).await?,
+        (Client::Amqprs, Scenario::Rpc) => amqprs_client::rpc(opts).await?,
+        (Client::Amqprs, Scenario::Sink) => amqprs_client::sink(&opts.url, opts.count).await?,
+        (_, Scenario::Decode) => return Err("decode does no I/O".into()),
+    };
+    Ok(Outcome::Done(m))
+}
+
+#[cfg(feature = "kelp")]
+async fn kelp_network_run(scenario: Scenario, opts: &Opts) -> BenchResult<Outcome> {
+    let m = match scenario {
+        Scenario::Publish => kelp_client::publish(opts, false).await?,
+        Scenario::Confirm => kelp_client::publish(opts, true).await?,
+        Scenario::Consume => kelp_client::consume(opts).await?,
+        Scenario::Rpc => kelp_client::rpc(opts).await?,
+        Scenario::Sink => kelp_client::sink(&opts.url, opts.count).await?,
+        Scenario::Decode => return Err("decode does no I/O".into()),
+    };
+    Ok(Outcome::Done(m))
+}
+
+#[cfg(not(feature = "kelp"))]
+async fn kelp_network_run(_: Scenario, _: &Opts) -> BenchResult<Outcome> {
+    Ok(Outcome::Skipped(KELP_NOT_BUILT.to_owned()))
+}
+
+const KELP_NOT_BUILT: &str = "kelp-amqp: not built (the `kelp` feature is off)";
+
+#[cfg(feature = "kelp")]
+fn kelp_decode(stream: &Bytes) -> Option<usize> {
+    Some(kelp_client::kelp_decode(stream))
+}
+
+#[cfg(not(feature = "kelp"))]
+fn kelp_decode(_: &Bytes) -> Option<usize> {
+    None
+}
+
+/// One `decode` run: the decoder over the whole recorded stream.
+fn decode_run(client: Client, stream: &Bytes, count: u64) -> BenchResult<Outcome> {
+    let timer = Timer::start()?;
+    let decoded = match client {
+        Client::Kelp => match kelp_decode(stream) {
+            None => return Ok(Outcome::Skipped(KELP_NOT_BUILT.to_owned())),
+            Some(0) => {
+                return Ok(Outcome::Skipped(
+                    "kelp-amqp: kelp_decode is not wired up yet (returned 0)".into(),
+                ))
+            }
+            Some(n) => n,
+        },
+        Client::Lapin => lapin_client::decode(stream)?,
+        Client::Amqprs => return Ok(Outcome::Skipped(amqprs_client::NO_DECODER.to_owned())),
+    };
+    let m = timer.stop(count)?;
+    if decoded as u64 != count {
+        return Err(format!(
+            "{}: decoded {decoded} deliveries, expected {count}",
+            client.name()
+        )
+        .into());
+    }
+    Ok(Outcome::Done(m))
+}
+
+fn run_scenario(rt: &tokio::runtime::Runtime, scenario: Scenario, cfg: &Config) -> BenchResult<()> {
+    let count = cfg.count.unwrap_or(scenario.default_count());
+    let mut opts = Opts {
+        url: cfg.url.clone(),
+        count,
+        window: cfg.window,
+    };
+    let mut sink = match scenario {
+        Scenario::Sink => {
+            let server = sink::SinkProcess::spawn()?;
+            opts.url = server.url();
+            Some(server)
+        }
+        _ => None,
+    };
+    let stream = match scenario {
+        Scenario::Decode => Some(decode::record_deliveries(usize::try_from(count)?)),
+        _ => None,
+    };
+    println!(
+        "# {}: {count} x {MSG_SIZE} B per client run, best of {}",
+        scenario.name(),
+        cfg.repeat
+    );
+
+    let mut results: Vec<(Client, Measurement)> = Vec::new();
+    for &client in &cfg.clients {
+        let mut runs = Vec::with_capacity(cfg.repeat);
+        for _ in 0..cfg.repeat {
+            let outcome = match &stream {
+                Some(stream) => decode_run(client, stream, count),
+                None => rt.block_on(async {
+                    match tokio::time::timeout(RUN_TIMEOUT, network_run(client, scenario, &opts))
+                        .await
+                    {
+                        Ok(outcome) => outcome,
+                        Err(_) => Err(format!("timed out after {RUN_TIMEOUT:?}").into()),
+                    }
+                }),
+            };
+            let outcome = outcome.and_then(|outcome| {
+                if let (Some(server), Outcome::Done(_)) = (&mut sink, &outcome) {
+                    server.expect_closed(count)?;
+                }
+                Ok(outcome)
+            });
+            let outcome =
+                outcome.map_err(|e| format!("{} {}: {e}", scenario.name(), client.name()))?;
+            match outcome {
+                Outcome::Done(m) => runs.push(m),
+                Outcome::Skipped(why) => {
+                    println!("{why}");
+                    break;
+                }
+            }
+        }
+        if let Some(best) = Measurement::best(runs) {
+            println!("{}", format_line(scenario.name(), client.name(), &best));
+            results.push((client, best));
+        }
+    }
+
+    if let Some((ours, ours_m)) = results.iter().find(|(c, _)| *c == Client::Kelp) {
+        for (theirs, theirs_m) in results.iter().filter(|(c, _)| c != ours) {
+            println!(
+                "{}",
+                format_ratio(ours.name(), ours_m, theirs.name(), theirs_m)
+            );
+        }
+    }
+    Ok(())
+}
+
+fn run(args: &[String]) -> BenchResult<()> {
+    if args.first().map(String::as_str) == Some(sink::SUBCOMMAND) {
+        return sink::serve_forever();
+    }
+    let Some(cfg) = parse_args(args)? else {
+        println!("{USAGE}");
+        return Ok(());
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    for &scenario in &cfg.scenarios {
+        run_scenario(&rt, scenario, &cfg)?;
+    }
+    Ok(())
+}
+
+/// `main`'s error: shown with `Display` (the `Termination` impl prints errors with `Debug`).
+struct Failure(BenchError);
+
+impl std::fmt::Debug for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl std::error::Error for Failure {}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    run(&args).map_err(|e| Box::new(Failure(e)).into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> Vec<String> {
+        s.split_whitespace().map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn parses_flags_and_orders_clients() -> BenchResult<()> {
+        let cfg = parse_args(&args(
+            "rpc --clients amqprs,kelp --count=10 --repeat 3 --url amqp://x",
+        ))?
+        .ok_or("help")?;
+        assert_eq!(cfg.scenarios, [Scenario::Rpc]);
+        assert_eq!(cfg.clients, [Client::Kelp, Client::Amqprs]);
+        assert_eq!(
+            (cfg.count, cfg.repeat, cfg.url.as_str()),
+            (Some(10), 3, "amqp://x")
+        );
+        let all = parse_args(&args("all"))?.ok_or("help")?;
+        assert_eq!(all.scenarios.len(), 6);
+        assert_eq!(all.clients, Client::ALL);
+        assert_eq!(parse_args(&args("--help"))?, None);
+        assert!(parse_args(&args("")).is_err());
+        assert!(parse_args(&args("nope")).is_err());
+        assert!(parse_args(&args("publish --clients rabbit")).is_err());
+        assert!(parse_args(&args("publish --count")).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn queue_names_are_fresh() {
+        assert_ne!(
+            fresh_queue_name("lapin", "publish"),
+            fresh_queue_name("lapin", "publish")
+        );
+    }
+
+    /// The fake server in-process, driven by each client: handshake, publishes, close.
+    #[test]
+    fn sink_server_serves_every_client() -> BenchResult<()> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        rt.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let url = format!(
+                "amqp://guest:guest@127.0.0.1:{}/%2f",
+                listener.local_addr()?.port()
+            );
+            let server = tokio::spawn(async move {
+                let mut counts = Vec::new();
+                loop {
+                    let (sock, _) = listener.accept().await?;
+                    counts.push(sink::serve_conn(sock).await?);
+                    if counts.len() == if cfg!(feature = "kelp") { 3 } else { 2 } {
+                        return BenchResult::Ok(counts);
+                    }
+                }
+            });
+            #[cfg(feature = "kelp")]
+            assert_eq!(kelp_client::sink(&url, 50).await?.msgs, 50);
+            assert_eq!(lapin_client::sink(&url, 50).await?.msgs, 50);
+            assert_eq!(amqprs_client::sink(&url, 50).await?.msgs, 50);
+            let counts = server.await??;
+            assert!(counts.iter().all(|&n| n == 50), "{counts:?}");
+            BenchResult::Ok(())
+        })
+    }
+}
