@@ -137,7 +137,7 @@ async fn passive_declare_of_missing_queue_is_404_and_closes_the_channel() {
 /// error" under a multi-threaded runtime, where the task that got the first error runs in
 /// parallel with the connection task that is still failing the channel's other waiters.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "BUG: waiters are failed before ChannelShared is marked closed, so the next call races to the engine and gets InvalidUse(\"channel is not open\")"]
+
 async fn next_call_after_broker_channel_close_fails_with_the_same_error_multithreaded() {
     require_rabbitmq!(
         "next_call_after_broker_channel_close_fails_with_the_same_error_multithreaded"
@@ -592,7 +592,7 @@ async fn unknown_exchange_type_closes_the_connection_with_503() {
 /// RabbitMQ refuses a consumer tag already used on the channel (530, a connection error).
 /// The first consumer must then end with the connection's error, like every other consumer.
 #[tokio::test]
-#[ignore = "BUG: a consume with a tag in use replaces the first consumer's sender in the driver's map, so the first consumer ends with None instead of an Err"]
+
 async fn reused_consumer_tag_closes_the_connection_and_ends_the_first_consumer_with_an_error() {
     require_rabbitmq!(
         "reused_consumer_tag_closes_the_connection_and_ends_the_first_consumer_with_an_error"

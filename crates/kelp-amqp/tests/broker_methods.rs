@@ -1664,7 +1664,7 @@ async fn drain_consumer(c: &mut Consumer) -> (Vec<String>, Option<Result<Deliver
 /// Backpressure must not lose deliveries: with a full consumer buffer every delivery that was
 /// already read from the socket is kept until the consumer takes it.
 #[tokio::test]
-#[ignore = "BUG: Driver::dispatch overwrites the single parked delivery when several deliveries of one read find the buffer full; all but the last are dropped"]
+
 async fn consumer_with_a_full_buffer_loses_no_deliveries() {
     require_rabbitmq!("consumer_with_a_full_buffer_loses_no_deliveries");
     let conn = connect().await;
@@ -1689,7 +1689,7 @@ async fn consumer_with_a_full_buffer_loses_no_deliveries() {
 /// The broker's cancel must reach a consumer even when the consumer's buffer is full: after the
 /// buffered deliveries, the stream yields `Err(ConsumerCancelled)`, not a silent end.
 #[tokio::test]
-#[ignore = "BUG: the driver try_sends the ConsumerCancelled error into the consumer's full buffer; the error is dropped and the stream ends with None"]
+
 async fn consumer_cancelled_with_a_full_buffer_still_gets_the_error() {
     require_rabbitmq!("consumer_cancelled_with_a_full_buffer_still_gets_the_error");
     let conn = connect().await;

@@ -268,7 +268,7 @@ async fn idle_connection_with_heartbeat_1_stays_alive() {
 /// (backpressure). The server is alive and its heartbeats are waiting in our socket buffer: that
 /// must not be reported as missed heartbeats.
 #[tokio::test]
-#[ignore = "BUG: while a delivery is parked the driver stops reading, last_recv stops advancing and the engine declares MissedHeartbeats on a healthy server"]
+
 async fn slow_consumer_is_not_mistaken_for_a_dead_server() {
     require_rabbitmq!("slow_consumer_is_not_mistaken_for_a_dead_server");
     // The publisher is another connection: with this one not reading, its confirms could not

@@ -104,7 +104,16 @@ impl Responder {
 }
 
 type ConsumerKey = (u16, ShortString);
-type DeliverySender = PollSender<Result<Box<Delivery>, Error>>;
+type DeliveryItem = Result<Box<Delivery>, Error>;
+type DeliverySender = PollSender<DeliveryItem>;
+
+/// What a consumer's full buffer could not take yet, kept in order until it makes room.
+/// While any consumer has deliveries waiting here, the driver stops reading the socket: the
+/// backpressure reaches the broker through TCP, and nothing already read is lost.
+struct Overflow {
+    sender: DeliverySender,
+    items: VecDeque<DeliveryItem>,
+}
 
 /// The state of one connection's task.
 pub(crate) struct Driver<S> {
@@ -120,7 +129,7 @@ pub(crate) struct Driver<S> {
     timer_at: Option<Instant>,
     consumers: HashMap<ConsumerKey, mpsc::Sender<Result<Box<Delivery>, Error>>>,
     channels: HashMap<u16, Arc<ChannelShared>>,
-    parked: Option<(ConsumerKey, DeliverySender, Box<Delivery>)>,
+    overflow: HashMap<ConsumerKey, Overflow>,
     shared: Arc<ConnShared>,
     connected: Option<oneshot::Sender<Result<(), Error>>>,
 }
@@ -154,7 +163,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
             timer_at: None,
             consumers: HashMap::new(),
             channels: HashMap::new(),
-            parked: None,
+            overflow: HashMap::new(),
             shared,
             connected: Some(connected),
         }
@@ -171,7 +180,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
         for _ in 0..64 {
             let mut progress = false;
             progress |= self.poll_commands(cx);
-            progress |= self.poll_parked(cx);
+            progress |= self.poll_overflow(cx);
             progress |= self.poll_read(cx);
             self.handle_events();
             self.poll_timer(cx);
@@ -205,11 +214,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
         for (_, s) in self.channels.drain() {
             s.set_closed(err.clone());
         }
-        if let Some((_, sender, _)) = self.parked.take() {
-            drop(sender);
+        let consumers: Vec<_> = self.consumers.drain().collect();
+        for (key, tx) in consumers {
+            self.push_item(key, &tx, Err(err.clone()));
         }
-        for (_, tx) in self.consumers.drain() {
-            let _ = tx.try_send(Err(err.clone()));
+        // What the consumers could not take yet is handed over by a task of its own: the
+        // connection is gone, but every delivery already read and the final error still reach
+        // them, in order.
+        for (_, o) in self.overflow.drain() {
+            if let Some(tx) = o.sender.get_ref().cloned() {
+                tokio::spawn(async move {
+                    for item in o.items {
+                        if tx.send(item).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
         }
         self.commands.close();
         while let Ok(cmd) = self.commands.try_recv() {
@@ -269,8 +290,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
             } => {
                 if let Method::BasicConsume(c) = &method {
                     if !c.consumer_tag.is_empty() {
+                        // A tag already in use keeps its consumer: the broker refuses the
+                        // second one, and the first must still get its deliveries and errors.
                         self.consumers
-                            .insert((channel, c.consumer_tag.clone()), sender.clone());
+                            .entry((channel, c.consumer_tag.clone()))
+                            .or_insert_with(|| sender.clone());
                     }
                 }
                 self.engine
@@ -324,7 +348,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
     }
 
     fn poll_read(&mut self, cx: &mut Context<'_>) -> bool {
-        if self.read_done || self.parked.is_some() || self.engine.is_closed() {
+        if self.read_done || self.engine.is_closed() {
+            return false;
+        }
+        if self
+            .overflow
+            .values()
+            .any(|o| o.items.iter().any(Result::is_ok))
+        {
+            // Paused on purpose: the server's silence while we do not read is not its fault.
+            self.engine.note_read_paused(Instant::now());
             return false;
         }
         if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 4 {
@@ -351,20 +384,49 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
         }
     }
 
-    fn poll_parked(&mut self, cx: &mut Context<'_>) -> bool {
-        let Some((_, sender, _)) = self.parked.as_mut() else {
-            return false;
-        };
-        match sender.poll_reserve(cx) {
-            Poll::Pending => false,
-            Poll::Ready(res) => {
-                let Some((key, mut sender, delivery)) = self.parked.take() else {
-                    return false;
-                };
-                if res.is_err() || sender.send_item(Ok(delivery)).is_err() {
-                    self.consumers.remove(&key);
+    /// Hand waiting deliveries to consumers that made room. True on progress.
+    fn poll_overflow(&mut self, cx: &mut Context<'_>) -> bool {
+        let mut progress = false;
+        self.overflow.retain(|_, o| {
+            while !o.items.is_empty() {
+                match o.sender.poll_reserve(cx) {
+                    Poll::Pending => return true,
+                    Poll::Ready(Err(_)) => return false,
+                    Poll::Ready(Ok(())) => {
+                        let Some(item) = o.items.pop_front() else {
+                            break;
+                        };
+                        progress = true;
+                        if o.sender.send_item(item).is_err() {
+                            return false;
+                        }
+                    }
                 }
-                true
+            }
+            false
+        });
+        progress
+    }
+
+    /// Queue `item` for a consumer behind what is already waiting for it.
+    fn push_item(&mut self, key: ConsumerKey, tx: &mpsc::Sender<DeliveryItem>, item: DeliveryItem) {
+        if let Some(o) = self.overflow.get_mut(&key) {
+            o.items.push_back(item);
+            return;
+        }
+        match tx.try_send(item) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(item)) => {
+                self.overflow.insert(
+                    key,
+                    Overflow {
+                        sender: PollSender::new(tx.clone()),
+                        items: VecDeque::from([item]),
+                    },
+                );
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.consumers.remove(&key);
             }
         }
     }
@@ -505,7 +567,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
                     }
                     Responder::Nobody => {}
                 },
-                Event::Failed { token, error } => token.fail(error),
+                Event::Failed { token, error } => {
+                    // Mark the handle closed before any waiter learns of it, so a call the
+                    // waiter makes next fails with this same error instead of racing here.
+                    match &error {
+                        Error::ChannelClosed { channel, .. } => {
+                            if let Some(s) = self.channels.get(channel) {
+                                s.set_closed(error.clone());
+                            }
+                        }
+                        Error::ConnectionClosed(_) => self.shared.set_closed(error.clone()),
+                        _ => {}
+                    }
+                    token.fail(error)
+                }
                 Event::Returned(r) => match self.channels.get(&r.channel) {
                     Some(s) => s.deliver_return(*r),
                     None => warn!(
@@ -518,11 +593,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
                     consumer_tag,
                 } => {
                     debug!(channel, %consumer_tag, "consumer cancelled by the broker");
-                    if let Some(tx) = self.consumers.remove(&(channel, consumer_tag.clone())) {
-                        let _ = tx.try_send(Err(Error::ConsumerCancelled {
+                    let key = (channel, consumer_tag.clone());
+                    if let Some(tx) = self.consumers.remove(&key) {
+                        let err = Error::ConsumerCancelled {
                             channel,
                             consumer_tag: consumer_tag.to_string(),
-                        }));
+                        };
+                        self.push_item(key, &tx, Err(err));
                     }
                 }
                 Event::ChannelClosed { channel, error } => {
@@ -530,16 +607,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
                     if let Some(s) = self.channels.remove(&channel) {
                         s.set_closed(err.clone());
                     }
-                    self.consumers.retain(|(ch, _), tx| {
-                        if *ch == channel {
-                            let _ = tx.try_send(Err(err.clone()));
-                            false
-                        } else {
-                            true
+                    let keys: Vec<ConsumerKey> = self
+                        .consumers
+                        .keys()
+                        .filter(|(ch, _)| *ch == channel)
+                        .cloned()
+                        .collect();
+                    for key in keys {
+                        if let Some(tx) = self.consumers.remove(&key) {
+                            self.push_item(key, &tx, Err(err.clone()));
                         }
-                    });
-                    if matches!(&self.parked, Some(((ch, _), _, _)) if *ch == channel) {
-                        self.parked = None;
                     }
                 }
                 Event::Flow { channel, active } => {
@@ -573,23 +650,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
 
     fn dispatch(&mut self, d: Box<Delivery>) {
         let key = (d.channel, d.consumer_tag.clone());
-        let Some(tx) = self.consumers.get(&key) else {
+        let Some(tx) = self.consumers.get(&key).cloned() else {
             debug!(channel = d.channel, consumer_tag = %d.consumer_tag, "delivery for unknown consumer dropped");
             return;
         };
-        match tx.try_send(Ok(d)) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(item)) => {
-                let sender = PollSender::new(tx.clone());
-                if let Ok(d) = item {
-                    // Stop reading until this consumer makes room: backpressure to the broker.
-                    self.parked = Some((key, sender, d));
-                }
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                self.consumers.remove(&key);
-            }
-        }
+        self.push_item(key, &tx, Ok(d));
     }
 }
 

@@ -189,6 +189,12 @@ impl<T> Engine<T> {
         }
     }
 
+    /// The I/O layer stopped reading on purpose (a consumer's buffer is full). The server's
+    /// silence meanwhile is ours, not its: it is not counted as missed heartbeats.
+    pub fn note_read_paused(&mut self, now: Instant) {
+        self.last_recv = now;
+    }
+
     /// The peer closed the socket.
     pub fn handle_eof(&mut self) {
         if self.state == State::Closed {
