@@ -228,13 +228,13 @@ impl SinkConn {
             (20, 40) => wire::method(out, channel, 20, 41, &[]), // channel.close -> close-ok
             (60, 10) => wire::method(out, channel, 60, 11, &[]), // basic.qos -> qos-ok
             // confirm.select (unless no-wait) -> select-ok; the sink never acks publishes
-            (85, 10) if args.first().map_or(true, |bits| bits & 1 == 0) => {
+            (85, 10) if args.first().is_none_or(|bits| bits & 1 == 0) => {
                 wire::method(out, channel, 85, 11, &[])
             }
             // queue.declare: ticket, name, bits (no-wait is bit 4) -> declare-ok(name, 0, 0)
             (50, 10) => {
                 if let Some((name, rest)) = args.get(2..).and_then(read_shortstr) {
-                    if rest.first().map_or(true, |bits| bits & 0x10 == 0) {
+                    if rest.first().is_none_or(|bits| bits & 0x10 == 0) {
                         let name = if name.is_empty() {
                             "amq.gen-sink".to_owned()
                         } else {
@@ -250,7 +250,7 @@ impl SinkConn {
             // queue.delete: ticket, name, bits (no-wait is bit 2) -> delete-ok(0)
             (50, 40) => {
                 if let Some((_, rest)) = args.get(2..).and_then(read_shortstr) {
-                    if rest.first().map_or(true, |bits| bits & 0x04 == 0) {
+                    if rest.first().is_none_or(|bits| bits & 0x04 == 0) {
                         wire::method(out, channel, 50, 41, &[0; 4]);
                     }
                 }

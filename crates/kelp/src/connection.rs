@@ -1,0 +1,337 @@
+//! The connection: a transport chosen by URL, with Kombu's defaults.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kelp_amqp::FieldTable;
+
+use crate::channel::Channel;
+use crate::compression::{Compression, DEFAULT_MAX_DECOMPRESSED};
+use crate::error::{mask_url, Error};
+use crate::message::Codec;
+use crate::serialization::Registry;
+use crate::transport::{self, Transport};
+
+/// The URL used when none is given and `KELP_URL` is unset (Kombu's default broker).
+pub const DEFAULT_URL: &str = "amqp://guest:guest@localhost:5672//";
+
+/// Connection settings beyond the URL.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// Give up connecting after this long (default 30 s; `None` waits as long as the OS).
+    pub connect_timeout: Option<Duration>,
+    /// The name shown in the RabbitMQ management UI.
+    pub connection_name: Option<String>,
+    /// Extra client properties sent to the broker.
+    pub client_properties: Option<FieldTable>,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        ConnectOptions {
+            connect_timeout: Some(Duration::from_secs(30)),
+            connection_name: None,
+            client_properties: None,
+        }
+    }
+}
+
+/// Builds a [`Connection`].
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), kelp::Error> {
+/// let conn = kelp::Connection::builder()
+///     .url("amqp://guest:guest@localhost:5672//")
+///     .connection_name("billing-worker")
+///     .connect_timeout(std::time::Duration::from_secs(5))
+///     .connect()
+///     .await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct ConnectionBuilder {
+    url: Option<String>,
+    options: ConnectOptions,
+    registry: Registry,
+    compression: Compression,
+    max_decompressed: usize,
+}
+
+impl Default for ConnectionBuilder {
+    fn default() -> Self {
+        ConnectionBuilder {
+            url: None,
+            options: ConnectOptions::default(),
+            registry: Registry::default(),
+            compression: Compression::default(),
+            max_decompressed: DEFAULT_MAX_DECOMPRESSED,
+        }
+    }
+}
+
+impl ConnectionBuilder {
+    /// The broker URL (default: `$KELP_URL`, else [`DEFAULT_URL`]).
+    ///
+    /// ```
+    /// let b = kelp::Connection::builder().url("memory://");
+    /// ```
+    pub fn url(mut self, url: impl Into<String>) -> Self {
+        self.url = Some(url.into());
+        self
+    }
+    /// Give up connecting after `timeout`.
+    ///
+    /// ```
+    /// let b = kelp::Connection::builder().connect_timeout(std::time::Duration::from_secs(2));
+    /// ```
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.options.connect_timeout = Some(timeout);
+        self
+    }
+    /// The connection's name in the broker's UI.
+    ///
+    /// ```
+    /// let b = kelp::Connection::builder().connection_name("api");
+    /// ```
+    pub fn connection_name(mut self, name: impl Into<String>) -> Self {
+        self.options.connection_name = Some(name.into());
+        self
+    }
+    /// Extra client properties.
+    ///
+    /// ```
+    /// let b = kelp::Connection::builder().client_properties(Default::default());
+    /// ```
+    pub fn client_properties(mut self, props: FieldTable) -> Self {
+        self.options.client_properties = Some(props);
+        self
+    }
+    /// The serializer registry messages use (default: Kombu's built-ins).
+    ///
+    /// ```
+    /// let b = kelp::Connection::builder().serializers(kelp::serialization::Registry::default());
+    /// ```
+    pub fn serializers(mut self, registry: Registry) -> Self {
+        self.registry = registry;
+        self
+    }
+    /// The compression methods messages use (default: Kombu's).
+    ///
+    /// ```
+    /// let b = kelp::Connection::builder().compression(kelp::compression::Compression::default());
+    /// ```
+    pub fn compression(mut self, compression: Compression) -> Self {
+        self.compression = compression;
+        self
+    }
+    /// The largest body a compressed message may expand to (default 64 MiB).
+    ///
+    /// ```
+    /// let b = kelp::Connection::builder().max_decompressed_size(1 << 20);
+    /// ```
+    pub fn max_decompressed_size(mut self, bytes: usize) -> Self {
+        self.max_decompressed = bytes;
+        self
+    }
+
+    /// Connect.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), kelp::Error> {
+    /// let conn = kelp::Connection::builder().url("memory://").connect().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect(self) -> Result<Connection, Error> {
+        let url = match self.url {
+            Some(u) => u,
+            None => std::env::var("KELP_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned()),
+        };
+        let transport = transport::open(&url, &self.options).await?;
+        Ok(Connection {
+            inner: Arc::new(Inner {
+                transport,
+                url: mask_url(&url),
+                codec: Codec {
+                    registry: self.registry,
+                    compression: self.compression,
+                    max_decompressed: self.max_decompressed,
+                },
+                declared: Mutex::new(HashSet::new()),
+            }),
+        })
+    }
+}
+
+/// A connection to a broker, picked by URL scheme. Cheap to clone; the connection closes when
+/// the last clone (and every channel) is dropped, or at [`Connection::close`].
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), kelp::Error> {
+/// let conn = kelp::Connection::open("memory://").await?;
+/// let ch = conn.channel().await?;
+/// conn.close().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Connection {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    transport: Arc<dyn Transport>,
+    url: String,
+    codec: Codec,
+    declared: Mutex<HashSet<String>>,
+}
+
+impl Connection {
+    /// A builder with Kombu's defaults.
+    ///
+    /// ```
+    /// let b = kelp::Connection::builder();
+    /// ```
+    pub fn builder() -> ConnectionBuilder {
+        ConnectionBuilder::default()
+    }
+
+    /// Connect to `url` with the default settings.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), kelp::Error> {
+    /// let conn = kelp::Connection::open("amqp://guest:guest@localhost:5672//").await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn open(url: &str) -> Result<Connection, Error> {
+        ConnectionBuilder::default().url(url).connect().await
+    }
+
+    /// Connect to `$KELP_URL`, or Kombu's default `amqp://guest:guest@localhost:5672//`.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), kelp::Error> {
+    /// let conn = kelp::Connection::open_default().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn open_default() -> Result<Connection, Error> {
+        ConnectionBuilder::default().connect().await
+    }
+
+    /// The URL, password masked.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), kelp::Error> {
+    /// let conn = kelp::Connection::open("memory://").await?;
+    /// assert_eq!(conn.url(), "memory://");
+    /// # Ok(()) }
+    /// ```
+    pub fn url(&self) -> &str {
+        &self.inner.url
+    }
+
+    /// The transport's name (`amqp`, `memory`, …).
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), kelp::Error> {
+    /// let conn = kelp::Connection::open("memory://").await?;
+    /// assert_eq!(conn.transport_name(), "memory");
+    /// # Ok(()) }
+    /// ```
+    pub fn transport_name(&self) -> &'static str {
+        self.inner.transport.name()
+    }
+
+    /// The transport (for advanced use).
+    pub fn transport(&self) -> &Arc<dyn Transport> {
+        &self.inner.transport
+    }
+
+    pub(crate) fn codec(&self) -> Codec {
+        self.inner.codec.clone()
+    }
+
+    /// Open a channel.
+    ///
+    /// ```no_run
+    /// # async fn demo(conn: &kelp::Connection) -> Result<(), kelp::Error> {
+    /// let ch = conn.channel().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn channel(&self) -> Result<Channel, Error> {
+        let raw = self.inner.transport.open_channel().await?;
+        Ok(Channel::new(raw, self.clone()))
+    }
+
+    /// Declare `entity` unless this connection already did (Kombu's `maybe_declare`).
+    /// Returns true when it was declared now.
+    ///
+    /// ```no_run
+    /// # async fn demo(ch: &kelp::Channel) -> Result<(), kelp::Error> {
+    /// let q = kelp::Queue::new("tasks");
+    /// assert!(ch.connection().maybe_declare(ch, &q).await?);
+    /// assert!(!ch.connection().maybe_declare(ch, &q).await?);
+    /// # Ok(()) }
+    /// ```
+    pub async fn maybe_declare(
+        &self,
+        channel: &Channel,
+        entity: impl Into<crate::Declarable>,
+    ) -> Result<bool, Error> {
+        let entity = entity.into();
+        let key = entity.cache_key();
+        if key.is_empty() {
+            entity.declare(channel).await?;
+            return Ok(true);
+        }
+        if self
+            .inner
+            .declared
+            .lock()
+            .map(|s| s.contains(&key))
+            .unwrap_or(false)
+        {
+            return Ok(false);
+        }
+        entity.declare(channel).await?;
+        if let Ok(mut s) = self.inner.declared.lock() {
+            s.insert(key);
+        }
+        Ok(true)
+    }
+
+    /// Forget what [`Connection::maybe_declare`] remembered (after a reconnect, say).
+    ///
+    /// ```no_run
+    /// # async fn demo(conn: &kelp::Connection) {
+    /// conn.forget_declared();
+    /// # }
+    /// ```
+    pub fn forget_declared(&self) {
+        if let Ok(mut s) = self.inner.declared.lock() {
+            s.clear();
+        }
+    }
+
+    /// Close the connection. Idempotent.
+    ///
+    /// ```no_run
+    /// # async fn demo(conn: kelp::Connection) -> Result<(), kelp::Error> {
+    /// conn.close().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn close(&self) -> Result<(), Error> {
+        self.inner.transport.close().await
+    }
+
+    /// True once closed.
+    ///
+    /// ```no_run
+    /// # async fn demo(conn: &kelp::Connection) {
+    /// assert!(!conn.is_closed());
+    /// # }
+    /// ```
+    pub fn is_closed(&self) -> bool {
+        self.inner.transport.is_closed()
+    }
+}

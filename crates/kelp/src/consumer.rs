@@ -1,0 +1,609 @@
+//! Consuming (Kombu's `Consumer`): one or more queues, callbacks or a stream of messages.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_core::Stream;
+use futures_util::stream::SelectAll;
+
+use crate::channel::Channel;
+use crate::entity::Queue;
+use crate::error::Error;
+use crate::message::Message;
+use crate::serialization::{Accept, Value};
+use crate::transport::{BoxFuture, ConsumeSpec, DeliveryStream, RawDelivery};
+
+type Callback = Box<dyn for<'a> FnMut(&'a Value, &'a mut Message) -> BoxFuture<'a, ()> + Send>;
+type OnMessage = Box<dyn for<'a> FnMut(&'a mut Message) -> BoxFuture<'a, ()> + Send>;
+type OnDecodeError = Box<dyn for<'a> FnMut(&'a mut Message, &'a Error) -> BoxFuture<'a, ()> + Send>;
+
+struct Tagged {
+    queue: Arc<str>,
+    inner: DeliveryStream,
+}
+
+impl Stream for Tagged {
+    type Item = (Arc<str>, Result<RawDelivery, Error>);
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let q = self.queue.clone();
+        self.inner.as_mut().poll_next(cx).map(|o| o.map(|r| (q, r)))
+    }
+}
+
+/// Consumes from one or more queues (Kombu's `Consumer`). Use it as a stream
+/// (`while let Some(msg) = consumer.next().await`) or with callbacks and
+/// [`Consumer::drain_events`].
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), kelp::Error> {
+/// use kelp::{Connection, Consumer, Queue};
+/// let conn = Connection::open("memory://").await?;
+/// let ch = conn.channel().await?;
+/// let mut consumer = Consumer::builder(&ch)
+///     .queue(Queue::new("tasks"))
+///     .prefetch_count(10)
+///     .accept(["json"])
+///     .build()
+///     .await?;
+/// while let Some(msg) = consumer.next().await {
+///     let mut msg = msg?;
+///     let task: serde_json::Value = msg.decode()?;
+///     msg.ack().await?;
+/// }
+/// # Ok(()) }
+/// ```
+pub struct Consumer {
+    channel: Channel,
+    queues: Vec<Queue>,
+    no_ack: bool,
+    auto_declare: bool,
+    accept: Option<Arc<Accept>>,
+    prefetch_count: Option<u16>,
+    tag_prefix: String,
+    callbacks: Vec<Callback>,
+    on_message: Option<OnMessage>,
+    on_decode_error: Option<OnDecodeError>,
+    active: Vec<(String, String)>,
+    streams: SelectAll<Tagged>,
+    next_tag: u32,
+}
+
+impl std::fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consumer")
+            .field(
+                "queues",
+                &self.queues.iter().map(|q| &q.name).collect::<Vec<_>>(),
+            )
+            .field("no_ack", &self.no_ack)
+            .field("prefetch_count", &self.prefetch_count)
+            .field("active", &self.active)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`Consumer`].
+#[must_use = "call .build().await to start consuming"]
+pub struct ConsumerBuilder {
+    c: Consumer,
+    err: Option<Error>,
+}
+
+impl std::fmt::Debug for ConsumerBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.c.fmt(f)
+    }
+}
+
+impl ConsumerBuilder {
+    /// Consume from `queue` too.
+    ///
+    /// ```no_run
+    /// # fn demo(ch: &kelp::Channel) { let b = kelp::Consumer::builder(ch).queue(kelp::Queue::new("a")); }
+    /// ```
+    pub fn queue(mut self, queue: Queue) -> Self {
+        self.c.queues.push(queue);
+        self
+    }
+    /// Consume from all of `queues`.
+    ///
+    /// ```no_run
+    /// # fn demo(ch: &kelp::Channel) {
+    /// let b = kelp::Consumer::builder(ch).queues([kelp::Queue::new("a"), kelp::Queue::new("b")]);
+    /// # }
+    /// ```
+    pub fn queues(mut self, queues: impl IntoIterator<Item = Queue>) -> Self {
+        self.c.queues.extend(queues);
+        self
+    }
+    /// Deliveries count as acknowledged when sent (default false).
+    ///
+    /// ```no_run
+    /// # fn demo(ch: &kelp::Channel) { let b = kelp::Consumer::builder(ch).no_ack(true); }
+    /// ```
+    pub fn no_ack(mut self, on: bool) -> Self {
+        self.c.no_ack = on;
+        self
+    }
+    /// Declare the queues (and their exchanges and bindings) before consuming (default true).
+    ///
+    /// ```no_run
+    /// # fn demo(ch: &kelp::Channel) { let b = kelp::Consumer::builder(ch).auto_declare(false); }
+    /// ```
+    pub fn auto_declare(mut self, on: bool) -> Self {
+        self.c.auto_declare = on;
+        self
+    }
+    /// Accept only these content types or serializer names; other messages go to the
+    /// decode-error handler without being decoded.
+    ///
+    /// ```no_run
+    /// # fn demo(ch: &kelp::Channel) { let b = kelp::Consumer::builder(ch).accept(["json", "application/x-msgpack"]); }
+    /// ```
+    pub fn accept<I, S>(mut self, accept: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        match Accept::new(accept) {
+            Ok(a) => self.c.accept = Some(Arc::new(a)),
+            Err(e) => self.err = Some(e.into()),
+        }
+        self
+    }
+    /// The prefetch limit (`basic.qos` on the channel before consuming).
+    ///
+    /// ```no_run
+    /// # fn demo(ch: &kelp::Channel) { let b = kelp::Consumer::builder(ch).prefetch_count(50); }
+    /// ```
+    pub fn prefetch_count(mut self, n: u16) -> Self {
+        self.c.prefetch_count = Some(n);
+        self
+    }
+    /// Prefix of the consumer tags kelp generates.
+    ///
+    /// ```no_run
+    /// # fn demo(ch: &kelp::Channel) { let b = kelp::Consumer::builder(ch).tag_prefix("billing"); }
+    /// ```
+    pub fn tag_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.c.tag_prefix = prefix.into();
+        self
+    }
+    /// Add a callback `(body, message)` run by [`Consumer::drain_events`].
+    ///
+    /// ```no_run
+    /// # fn demo(ch: &kelp::Channel) {
+    /// let b = kelp::Consumer::builder(ch).callback(|body, msg| Box::pin(async move {
+    ///     println!("{body:?}");
+    ///     msg.ack_log_error().await;
+    /// }));
+    /// # }
+    /// ```
+    pub fn callback<F>(mut self, f: F) -> Self
+    where
+        F: for<'a> FnMut(&'a Value, &'a mut Message) -> BoxFuture<'a, ()> + Send + 'static,
+    {
+        self.c.callbacks.push(Box::new(f));
+        self
+    }
+    /// Handle raw messages instead of decoding them for the callbacks (Kombu's `on_message`).
+    ///
+    /// ```no_run
+    /// # fn demo(ch: &kelp::Channel) {
+    /// let b = kelp::Consumer::builder(ch).on_message(|msg| Box::pin(async move {
+    ///     msg.ack_log_error().await;
+    /// }));
+    /// # }
+    /// ```
+    pub fn on_message<F>(mut self, f: F) -> Self
+    where
+        F: for<'a> FnMut(&'a mut Message) -> BoxFuture<'a, ()> + Send + 'static,
+    {
+        self.c.on_message = Some(Box::new(f));
+        self
+    }
+    /// Handle messages that cannot be decoded or are not accepted (default: log, and reject
+    /// without requeue so they are dead-lettered or dropped, never silently acked).
+    ///
+    /// ```no_run
+    /// # fn demo(ch: &kelp::Channel) {
+    /// let b = kelp::Consumer::builder(ch).on_decode_error(|msg, err| Box::pin(async move {
+    ///     eprintln!("bad message: {err}");
+    ///     msg.reject_log_error(false).await;
+    /// }));
+    /// # }
+    /// ```
+    pub fn on_decode_error<F>(mut self, f: F) -> Self
+    where
+        F: for<'a> FnMut(&'a mut Message, &'a Error) -> BoxFuture<'a, ()> + Send + 'static,
+    {
+        self.c.on_decode_error = Some(Box::new(f));
+        self
+    }
+
+    /// Declare (unless `auto_declare(false)`), set QoS and start consuming every queue.
+    ///
+    /// ```no_run
+    /// # async fn demo(ch: &kelp::Channel) -> Result<(), kelp::Error> {
+    /// let consumer = kelp::Consumer::builder(ch).queue(kelp::Queue::new("q")).build().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn build(mut self) -> Result<Consumer, Error> {
+        if let Some(e) = self.err {
+            return Err(e);
+        }
+        self.c.consume().await?;
+        Ok(self.c)
+    }
+
+    /// Build without starting to consume (call [`Consumer::consume`] later).
+    ///
+    /// ```no_run
+    /// # fn demo(ch: &kelp::Channel) -> Result<(), kelp::Error> {
+    /// let consumer = kelp::Consumer::builder(ch).queue(kelp::Queue::new("q")).build_idle()?;
+    /// # Ok(()) }
+    /// ```
+    pub fn build_idle(self) -> Result<Consumer, Error> {
+        match self.err {
+            Some(e) => Err(e),
+            None => Ok(self.c),
+        }
+    }
+}
+
+impl Consumer {
+    /// A builder for a consumer on `channel`.
+    ///
+    /// ```no_run
+    /// # fn demo(ch: &kelp::Channel) { let b = kelp::Consumer::builder(ch); }
+    /// ```
+    pub fn builder(channel: &Channel) -> ConsumerBuilder {
+        ConsumerBuilder {
+            c: Consumer {
+                channel: channel.clone(),
+                queues: Vec::new(),
+                no_ack: false,
+                auto_declare: true,
+                accept: None,
+                prefetch_count: None,
+                tag_prefix: String::new(),
+                callbacks: Vec::new(),
+                on_message: None,
+                on_decode_error: None,
+                active: Vec::new(),
+                streams: SelectAll::new(),
+                next_tag: 0,
+            },
+            err: None,
+        }
+    }
+
+    /// The channel it consumes on.
+    ///
+    /// ```no_run
+    /// # fn demo(c: &kelp::Consumer) { let ch = c.channel(); }
+    /// ```
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    /// Its queues (server-generated names filled in once declared).
+    ///
+    /// ```no_run
+    /// # fn demo(c: &kelp::Consumer) { for q in c.queues() { println!("{}", q.name); } }
+    /// ```
+    pub fn queues(&self) -> &[Queue] {
+        &self.queues
+    }
+
+    /// Start consuming every queue not consumed yet (declaring them first unless
+    /// `auto_declare(false)`).
+    ///
+    /// ```no_run
+    /// # async fn demo(c: &mut kelp::Consumer) -> Result<(), kelp::Error> {
+    /// c.consume().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn consume(&mut self) -> Result<(), Error> {
+        if let Some(n) = self.prefetch_count {
+            self.channel.qos(n, false).await?;
+        }
+        for i in 0..self.queues.len() {
+            self.start(i).await?;
+        }
+        Ok(())
+    }
+
+    async fn start(&mut self, i: usize) -> Result<(), Error> {
+        let Some(q) = self.queues.get_mut(i) else {
+            return Ok(());
+        };
+        if self.auto_declare {
+            q.declare(&self.channel).await?;
+        }
+        if self.active.iter().any(|(_, name)| *name == q.name) {
+            return Ok(());
+        }
+        let tag = if self.tag_prefix.is_empty() {
+            String::new()
+        } else {
+            self.next_tag += 1;
+            format!("{}-{}", self.tag_prefix, self.next_tag)
+        };
+        let spec = ConsumeSpec {
+            tag,
+            no_ack: self.no_ack,
+            exclusive: false,
+            arguments: q.consumer_arguments.clone(),
+        };
+        let (tag, stream) = self.channel.raw().consume(&q.name, spec).await?;
+        self.active.push((tag, q.name.clone()));
+        self.streams.push(Tagged {
+            queue: Arc::from(q.name.as_str()),
+            inner: stream,
+        });
+        Ok(())
+    }
+
+    /// Add a queue and, if the consumer is active, start consuming it.
+    ///
+    /// ```no_run
+    /// # async fn demo(c: &mut kelp::Consumer) -> Result<(), kelp::Error> {
+    /// c.add_queue(kelp::Queue::new("more")).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn add_queue(&mut self, queue: Queue) -> Result<(), Error> {
+        self.queues.push(queue);
+        if !self.active.is_empty() {
+            self.start(self.queues.len() - 1).await?;
+        }
+        Ok(())
+    }
+
+    /// True if it consumes from `queue`.
+    ///
+    /// ```no_run
+    /// # fn demo(c: &kelp::Consumer) { assert!(c.consuming_from("tasks")); }
+    /// ```
+    pub fn consuming_from(&self, queue: &str) -> bool {
+        self.active.iter().any(|(_, q)| q == queue)
+    }
+
+    /// Stop consuming every queue. Messages already delivered can still be read.
+    ///
+    /// ```no_run
+    /// # async fn demo(c: &mut kelp::Consumer) -> Result<(), kelp::Error> {
+    /// c.cancel().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn cancel(&mut self) -> Result<(), Error> {
+        for (tag, _) in std::mem::take(&mut self.active) {
+            self.channel.raw().cancel(&tag).await?;
+        }
+        Ok(())
+    }
+
+    /// Stop consuming `queue` only.
+    ///
+    /// ```no_run
+    /// # async fn demo(c: &mut kelp::Consumer) -> Result<(), kelp::Error> {
+    /// c.cancel_by_queue("tasks").await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn cancel_by_queue(&mut self, queue: &str) -> Result<(), Error> {
+        let mut keep = Vec::new();
+        for (tag, q) in std::mem::take(&mut self.active) {
+            if q == queue {
+                self.channel.raw().cancel(&tag).await?;
+            } else {
+                keep.push((tag, q));
+            }
+        }
+        self.active = keep;
+        Ok(())
+    }
+
+    /// Purge every queue; returns the total removed.
+    ///
+    /// ```no_run
+    /// # async fn demo(c: &kelp::Consumer) -> Result<(), kelp::Error> {
+    /// let n = c.purge().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn purge(&self) -> Result<u32, Error> {
+        let mut n = 0;
+        for q in &self.queues {
+            n += q.purge(&self.channel).await?;
+        }
+        Ok(n)
+    }
+
+    /// Pause (`false`) or resume (`true`) deliveries (`channel.flow`).
+    ///
+    /// ```no_run
+    /// # async fn demo(c: &kelp::Consumer) -> Result<(), kelp::Error> {
+    /// c.flow(false).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn flow(&self, active: bool) -> Result<(), Error> {
+        self.channel.flow(active).await
+    }
+
+    /// Change the prefetch limit.
+    ///
+    /// ```no_run
+    /// # async fn demo(c: &mut kelp::Consumer) -> Result<(), kelp::Error> {
+    /// c.qos(100, false).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn qos(&mut self, prefetch_count: u16, global: bool) -> Result<(), Error> {
+        self.prefetch_count = Some(prefetch_count);
+        self.channel.qos(prefetch_count, global).await
+    }
+
+    /// Redeliver unacknowledged messages.
+    ///
+    /// ```no_run
+    /// # async fn demo(c: &kelp::Consumer) -> Result<(), kelp::Error> {
+    /// c.recover(true).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn recover(&self, requeue: bool) -> Result<(), Error> {
+        self.channel.recover(requeue).await
+    }
+
+    /// Add a callback `(body, message)`.
+    ///
+    /// ```no_run
+    /// # fn demo(c: &mut kelp::Consumer) {
+    /// c.register_callback(|_body, msg| Box::pin(async move { msg.ack_log_error().await }));
+    /// # }
+    /// ```
+    pub fn register_callback<F>(&mut self, f: F)
+    where
+        F: for<'a> FnMut(&'a Value, &'a mut Message) -> BoxFuture<'a, ()> + Send + 'static,
+    {
+        self.callbacks.push(Box::new(f));
+    }
+
+    /// Move to another channel (Kombu's `revive`): call [`Consumer::consume`] again after.
+    ///
+    /// ```no_run
+    /// # async fn demo(c: &mut kelp::Consumer, ch: &kelp::Channel) -> Result<(), kelp::Error> {
+    /// c.revive(ch);
+    /// c.consume().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn revive(&mut self, channel: &Channel) {
+        self.channel = channel.clone();
+        self.active.clear();
+        self.streams = SelectAll::new();
+    }
+
+    fn wrap(&self, d: RawDelivery) -> Message {
+        Message::new(
+            d,
+            self.channel.clone_raw(),
+            self.no_ack,
+            self.channel.codec(),
+        )
+        .with_accept(self.accept.clone())
+    }
+
+    fn accepted(&self, m: &Message) -> Result<(), Error> {
+        match &self.accept {
+            Some(a) => Ok(a.check(m.content_type())?),
+            None => Ok(()),
+        }
+    }
+
+    /// The next message from any of the queues; `None` once every consumer ended. A message
+    /// whose content type is not accepted goes to the decode-error handler and is skipped. A
+    /// broker-side cancel (queue deleted) comes as `Err(Error::ConsumerCancelled)`.
+    ///
+    /// ```no_run
+    /// # async fn demo(mut c: kelp::Consumer) -> Result<(), kelp::Error> {
+    /// while let Some(msg) = c.next().await {
+    ///     msg?.ack().await?;
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn next(&mut self) -> Option<Result<Message, Error>> {
+        loop {
+            let (queue, item) =
+                std::future::poll_fn(|cx| Pin::new(&mut self.streams).poll_next(cx)).await?;
+            match item {
+                Ok(d) => {
+                    let mut m = self.wrap(d);
+                    if let Err(e) = self.accepted(&m) {
+                        self.decode_error(&mut m, &e).await;
+                        continue;
+                    }
+                    return Some(Ok(m));
+                }
+                Err(e) => {
+                    self.active.retain(|(_, q)| **q != *queue);
+                    return Some(Err(e));
+                }
+            }
+        }
+    }
+
+    /// Like [`Consumer::next`] but gives up after `timeout` with `Error::Timeout`.
+    ///
+    /// ```no_run
+    /// # async fn demo(mut c: kelp::Consumer) -> Result<(), kelp::Error> {
+    /// let msg = c.next_timeout(std::time::Duration::from_secs(1)).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn next_timeout(&mut self, timeout: Duration) -> Result<Option<Message>, Error> {
+        match tokio::time::timeout(timeout, self.next()).await {
+            Ok(Some(r)) => r.map(Some),
+            Ok(None) => Ok(None),
+            Err(_) => Err(Error::Timeout {
+                what: "a message",
+                after: timeout,
+            }),
+        }
+    }
+
+    async fn decode_error(&mut self, m: &mut Message, e: &Error) {
+        match &mut self.on_decode_error {
+            Some(h) => h(m, e).await,
+            None => {
+                tracing::error!(error = %e, content_type = ?m.content_type(), delivery_tag = m.delivery_tag(),
+                    "cannot decode message; rejecting it without requeue");
+                m.reject_log_error(false).await;
+            }
+        }
+    }
+
+    /// Wait up to `timeout` for one message and run the callbacks (or `on_message`) on it.
+    /// Returns `Ok(true)` if a message was handled, `Ok(false)` once every consumer ended, and
+    /// `Err(Error::Timeout)` when nothing came.
+    ///
+    /// ```no_run
+    /// # async fn demo(mut c: kelp::Consumer) -> Result<(), kelp::Error> {
+    /// loop {
+    ///     match c.drain_events(Some(std::time::Duration::from_secs(1))).await {
+    ///         Ok(true) => continue,
+    ///         Ok(false) => break,
+    ///         Err(kelp::Error::Timeout { .. }) => continue,
+    ///         Err(e) => return Err(e),
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn drain_events(&mut self, timeout: Option<Duration>) -> Result<bool, Error> {
+        let next = match timeout {
+            Some(t) => tokio::time::timeout(t, self.next())
+                .await
+                .map_err(|_| Error::Timeout {
+                    what: "an event",
+                    after: t,
+                })?,
+            None => self.next().await,
+        };
+        let Some(m) = next else {
+            return Ok(false);
+        };
+        let mut m = m?;
+        if let Some(h) = &mut self.on_message {
+            h(&mut m).await;
+            return Ok(true);
+        }
+        let value = match m.payload() {
+            Ok(v) => v.clone(),
+            Err(e) => {
+                self.decode_error(&mut m, &e).await;
+                return Ok(true);
+            }
+        };
+        for cb in &mut self.callbacks {
+            cb(&value, &mut m).await;
+        }
+        Ok(true)
+    }
+}

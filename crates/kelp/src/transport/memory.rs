@@ -1,0 +1,727 @@
+//! `memory://`: an in-process broker on the [`virtual_broker`](super::virtual_broker) core.
+//!
+//! Every connection in the process that names the same URL (`memory://`, `memory://name`)
+//! shares one broker. Nothing is persisted. Consumers are woken by publishes, requeues and
+//! acknowledgements (when prefetch credit frees up), never by polling; messages that expire
+//! while nobody calls into the broker are swept by the waiting consumers' timers.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::task::{Context, Poll, Waker};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures_core::Stream;
+use kelp_amqp::{BasicProperties, FieldTable};
+use tokio::sync::mpsc;
+use tokio::time::Sleep;
+
+use super::virtual_broker::{
+    self as vb, BrokerError, ExchangeKind, ExchangeOptions, MessageData, Notice, OwnerId,
+    QueueOptions, SessionId, VirtualBroker,
+};
+use super::{
+    BoxFuture, ConsumeSpec, DeliveryStream, ExchangeFlags, PublishOutcome, QueueDeclared,
+    QueueFlags, RawDelivery, RawReturn, Transport, TransportChannel,
+};
+use crate::error::Error;
+
+/// How many messages a consumer takes from the broker per lock.
+const BATCH: usize = 256;
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// One in-process broker and who waits on it.
+#[derive(Debug, Default)]
+struct Shared {
+    state: Mutex<State>,
+    next_owner: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    broker: VirtualBroker,
+    /// Idle consumers: id → (queue, session, waker).
+    waiters: HashMap<u64, (Arc<str>, SessionId, Waker)>,
+    /// Consumers the broker cancelled (their queue was deleted).
+    cancelled: HashMap<(SessionId, String), Arc<str>>,
+    /// Returned messages per session (no consumer of the returns yet: kept until taken).
+    returns: HashMap<SessionId, mpsc::UnboundedSender<RawReturn>>,
+    next_waiter: u64,
+}
+
+impl State {
+    /// Wake consumers of `queue`.
+    fn wake_queue(&mut self, queue: &str, out: &mut Vec<Waker>) {
+        self.waiters.retain(|_, (q, _, w)| {
+            if &**q == queue {
+                out.push(w.clone());
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    fn wake_session(&mut self, session: SessionId, out: &mut Vec<Waker>) {
+        self.waiters.retain(|_, (_, s, w)| {
+            if *s == session {
+                out.push(w.clone());
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    /// React to what the broker reports (requeues, dead-letters, cancels).
+    fn notices(&mut self, out: &mut Vec<Waker>) {
+        if !self.broker.has_notices() {
+            return;
+        }
+        for n in self.broker.take_notices() {
+            match n {
+                Notice::QueueReady(q) => self.wake_queue(&q, out),
+                Notice::ConsumerCancelled {
+                    session,
+                    consumer_tag,
+                    queue,
+                } => {
+                    self.cancelled
+                        .insert((session, consumer_tag.to_string()), queue.clone());
+                    self.wake_queue(&queue, out);
+                }
+                Notice::QueueDeleted(q) => self.wake_queue(&q, out),
+            }
+        }
+    }
+}
+
+fn brokers() -> &'static Mutex<HashMap<String, Weak<Shared>>> {
+    static B: OnceLock<Mutex<HashMap<String, Weak<Shared>>>> = OnceLock::new();
+    B.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// Run `f` on the broker state, then wake whoever it made runnable (outside the lock).
+fn with_state<T>(
+    shared: &Shared,
+    f: impl FnOnce(&mut State, &mut Vec<Waker>) -> T,
+) -> Result<T, Error> {
+    let mut wake = Vec::new();
+    let out = {
+        let mut g: MutexGuard<'_, State> = shared.state.lock().map_err(|_| Error::Closed {
+            what: "the memory broker (a thread panicked while holding it)",
+        })?;
+        let out = f(&mut g, &mut wake);
+        g.notices(&mut wake);
+        out
+    };
+    for w in wake {
+        w.wake();
+    }
+    Ok(out)
+}
+
+/// A connection to an in-process broker.
+#[derive(Debug)]
+pub struct MemoryTransport {
+    shared: Arc<Shared>,
+    owner: OwnerId,
+    closed: AtomicBool,
+}
+
+impl MemoryTransport {
+    /// Attach to the broker `url` names (created on first use, dropped with its last
+    /// connection).
+    pub fn open(url: &str) -> Result<Self, Error> {
+        let key = url
+            .split_once("://")
+            .map(|(_, rest)| rest.trim_end_matches('/'))
+            .unwrap_or("")
+            .to_owned();
+        let mut map = brokers().lock().map_err(|_| Error::Closed {
+            what: "the memory broker registry",
+        })?;
+        map.retain(|_, w| w.strong_count() > 0);
+        let shared = match map.get(&key).and_then(Weak::upgrade) {
+            Some(s) => s,
+            None => {
+                let s = Arc::new(Shared::default());
+                map.insert(key, Arc::downgrade(&s));
+                s
+            }
+        };
+        let owner = OwnerId(shared.next_owner.fetch_add(1, Ordering::Relaxed) + 1);
+        Ok(MemoryTransport {
+            shared,
+            owner,
+            closed: AtomicBool::new(false),
+        })
+    }
+}
+
+impl Drop for MemoryTransport {
+    fn drop(&mut self) {
+        if !self.closed.swap(true, Ordering::AcqRel) {
+            let owner = self.owner;
+            let _ = with_state(&self.shared, |s, _| s.broker.close_owner(owner, now_ms()));
+        }
+    }
+}
+
+impl Transport for MemoryTransport {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+    fn open_channel(&self) -> BoxFuture<'_, Result<Arc<dyn TransportChannel>, Error>> {
+        Box::pin(async move {
+            if self.closed.load(Ordering::Acquire) {
+                return Err(Error::Closed { what: "connection" });
+            }
+            let owner = self.owner;
+            let session = with_state(&self.shared, |s, _| s.broker.open_session(owner))?;
+            let ch: Arc<dyn TransportChannel> = Arc::new(MemoryChannel {
+                shared: self.shared.clone(),
+                owner,
+                session,
+                confirm: AtomicBool::new(false),
+                closed: AtomicBool::new(false),
+                returns_rx: Mutex::new(None),
+            });
+            Ok(ch)
+        })
+    }
+    fn close(&self) -> BoxFuture<'_, Result<(), Error>> {
+        Box::pin(async move {
+            if !self.closed.swap(true, Ordering::AcqRel) {
+                let owner = self.owner;
+                with_state(&self.shared, |s, _| s.broker.close_owner(owner, now_ms()))?;
+            }
+            Ok(())
+        })
+    }
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+}
+
+/// A channel (a broker session) on a memory connection.
+#[derive(Debug)]
+pub struct MemoryChannel {
+    shared: Arc<Shared>,
+    owner: OwnerId,
+    session: SessionId,
+    confirm: AtomicBool,
+    closed: AtomicBool,
+    returns_rx: Mutex<Option<mpsc::UnboundedReceiver<RawReturn>>>,
+}
+
+impl MemoryChannel {
+    fn run<T>(
+        &self,
+        f: impl FnOnce(&mut State, &mut Vec<Waker>) -> Result<T, BrokerError>,
+    ) -> Result<T, Error> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed { what: "channel" });
+        }
+        Ok(with_state(&self.shared, f)??)
+    }
+}
+
+impl Drop for MemoryChannel {
+    fn drop(&mut self) {
+        if !self.closed.swap(true, Ordering::AcqRel) {
+            let session = self.session;
+            let _ = with_state(&self.shared, |s, w| {
+                s.wake_session(session, w);
+                s.returns.remove(&session);
+                s.broker.close_session(session, now_ms())
+            });
+        }
+    }
+}
+
+fn ready<T: Send + 'static>(v: Result<T, Error>) -> BoxFuture<'static, Result<T, Error>> {
+    Box::pin(std::future::ready(v))
+}
+
+impl TransportChannel for MemoryChannel {
+    fn exchange_declare<'a>(
+        &'a self,
+        name: &'a str,
+        kind: &'a str,
+        flags: ExchangeFlags,
+        arguments: &'a FieldTable,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        let opts = ExchangeOptions {
+            passive: flags.passive,
+            durable: flags.durable,
+            auto_delete: flags.auto_delete,
+            internal: flags.internal,
+        };
+        ready(self.run(|s, _| {
+            s.broker
+                .declare_exchange(name, ExchangeKind::parse(kind), opts, arguments)
+        }))
+    }
+    fn exchange_delete<'a>(
+        &'a self,
+        name: &'a str,
+        if_unused: bool,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        ready(self.run(|s, _| s.broker.delete_exchange(name, if_unused)))
+    }
+    fn exchange_bind<'a>(
+        &'a self,
+        destination: &'a str,
+        source: &'a str,
+        routing_key: &'a str,
+        arguments: &'a FieldTable,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        ready(self.run(|s, _| {
+            s.broker
+                .bind_exchange(destination, source, routing_key, arguments)
+        }))
+    }
+    fn exchange_unbind<'a>(
+        &'a self,
+        destination: &'a str,
+        source: &'a str,
+        routing_key: &'a str,
+        arguments: &'a FieldTable,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        ready(self.run(|s, _| {
+            s.broker
+                .unbind_exchange(destination, source, routing_key, arguments)
+        }))
+    }
+    fn queue_declare<'a>(
+        &'a self,
+        name: &'a str,
+        flags: QueueFlags,
+        arguments: &'a FieldTable,
+    ) -> BoxFuture<'a, Result<QueueDeclared, Error>> {
+        let opts = QueueOptions {
+            passive: flags.passive,
+            durable: flags.durable,
+            exclusive: flags.exclusive,
+            auto_delete: flags.auto_delete,
+        };
+        let owner = self.owner;
+        ready(
+            self.run(|s, _| {
+                s.broker
+                    .declare_queue(owner, name, opts, arguments, now_ms())
+            })
+            .map(|ok| QueueDeclared {
+                name: ok.queue.to_string(),
+                message_count: ok.message_count,
+                consumer_count: ok.consumer_count,
+            }),
+        )
+    }
+    fn queue_bind<'a>(
+        &'a self,
+        queue: &'a str,
+        exchange: &'a str,
+        routing_key: &'a str,
+        arguments: &'a FieldTable,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        let owner = self.owner;
+        ready(self.run(|s, _| {
+            s.broker
+                .bind_queue(owner, queue, exchange, routing_key, arguments)
+        }))
+    }
+    fn queue_unbind<'a>(
+        &'a self,
+        queue: &'a str,
+        exchange: &'a str,
+        routing_key: &'a str,
+        arguments: &'a FieldTable,
+    ) -> BoxFuture<'a, Result<(), Error>> {
+        let owner = self.owner;
+        ready(self.run(|s, _| {
+            s.broker
+                .unbind_queue(owner, queue, exchange, routing_key, arguments)
+        }))
+    }
+    fn queue_purge<'a>(&'a self, queue: &'a str) -> BoxFuture<'a, Result<u32, Error>> {
+        let owner = self.owner;
+        ready(self.run(|s, _| s.broker.purge_queue(owner, queue)))
+    }
+    fn queue_delete<'a>(
+        &'a self,
+        queue: &'a str,
+        if_unused: bool,
+        if_empty: bool,
+    ) -> BoxFuture<'a, Result<u32, Error>> {
+        let owner = self.owner;
+        ready(self.run(|s, _| s.broker.delete_queue(owner, queue, if_unused, if_empty)))
+    }
+    fn publish<'a>(
+        &'a self,
+        exchange: &'a str,
+        routing_key: &'a str,
+        mandatory: bool,
+        properties: BasicProperties,
+        body: Bytes,
+    ) -> BoxFuture<'a, Result<PublishOutcome, Error>> {
+        let confirm = self.confirm.load(Ordering::Relaxed);
+        let session = self.session;
+        let msg = MessageData::new(exchange, routing_key, properties, body);
+        let returned_copy = mandatory.then(|| msg.clone());
+        let r = self.run(|s, wake| {
+            let out = s.broker.publish(msg, mandatory, now_ms())?;
+            for q in out.queues.iter() {
+                if !s.waiters.is_empty() {
+                    s.wake_queue(q, wake);
+                }
+            }
+            if out.returned {
+                if let Some(m) = returned_copy {
+                    let r = RawReturn {
+                        reply_code: 312,
+                        reply_text: "NO_ROUTE".into(),
+                        exchange: m.exchange.to_string(),
+                        routing_key: m.routing_key.to_string(),
+                        properties: m.properties,
+                        body: m.body,
+                    };
+                    if confirm {
+                        return Ok(Err(r));
+                    }
+                    let tx = s.returns.entry(session).or_insert_with(|| {
+                        let (tx, rx) = mpsc::unbounded_channel();
+                        if let Ok(mut slot) = self.returns_rx.lock() {
+                            *slot = Some(rx);
+                        }
+                        tx
+                    });
+                    let _ = tx.send(r);
+                }
+            }
+            Ok(Ok(out.should_nack()))
+        });
+        ready(match r {
+            Err(e) => Err(e),
+            Ok(Err(r)) => Err(Error::Returned {
+                reply_code: r.reply_code,
+                reply_text: r.reply_text,
+                exchange: r.exchange,
+                routing_key: r.routing_key,
+            }),
+            Ok(Ok(nack)) if confirm => Ok(if nack {
+                PublishOutcome::Nacked
+            } else {
+                PublishOutcome::Acked
+            }),
+            Ok(Ok(_)) => Ok(PublishOutcome::Sent),
+        })
+    }
+    fn get<'a>(
+        &'a self,
+        queue: &'a str,
+        no_ack: bool,
+    ) -> BoxFuture<'a, Result<Option<RawDelivery>, Error>> {
+        let session = self.session;
+        ready(
+            self.run(|s, _| s.broker.get(session, queue, no_ack, now_ms()))
+                .map(|d| d.map(|d| raw(d, ""))),
+        )
+    }
+    fn consume<'a>(
+        &'a self,
+        queue: &'a str,
+        spec: ConsumeSpec,
+    ) -> BoxFuture<'a, Result<(String, DeliveryStream), Error>> {
+        let session = self.session;
+        let opts = vb::ConsumeOptions {
+            no_ack: spec.no_ack,
+            exclusive: spec.exclusive,
+        };
+        let r = self.run(|s, _| {
+            let tag = s
+                .broker
+                .consume(session, queue, &spec.tag, opts, now_ms())?;
+            s.next_waiter += 1;
+            Ok((tag, s.next_waiter))
+        });
+        ready(r.map(|(tag, id)| {
+            let stream: DeliveryStream = Box::pin(MemoryConsumer {
+                shared: self.shared.clone(),
+                session,
+                tag: tag.to_string(),
+                queue: Arc::from(queue),
+                id,
+                buf: VecDeque::new(),
+                scratch: Vec::new(),
+                timer: None,
+                done: false,
+            });
+            (tag.to_string(), stream)
+        }))
+    }
+    fn cancel<'a>(&'a self, consumer_tag: &'a str) -> BoxFuture<'a, Result<(), Error>> {
+        let session = self.session;
+        ready(self.run(|s, w| {
+            s.cancelled
+                .insert((session, consumer_tag.to_owned()), Arc::from(""));
+            s.wake_session(session, w);
+            s.broker.cancel(session, consumer_tag, now_ms()).map(drop)
+        }))
+    }
+    fn ack(&self, delivery_tag: u64, multiple: bool) -> BoxFuture<'_, Result<(), Error>> {
+        let session = self.session;
+        ready(self.run(|s, w| {
+            s.wake_session(session, w);
+            s.broker.ack(session, delivery_tag, multiple).map(drop)
+        }))
+    }
+    fn nack(
+        &self,
+        delivery_tag: u64,
+        multiple: bool,
+        requeue: bool,
+    ) -> BoxFuture<'_, Result<(), Error>> {
+        let session = self.session;
+        ready(self.run(|s, w| {
+            s.wake_session(session, w);
+            s.broker
+                .nack(session, delivery_tag, multiple, requeue, now_ms())
+                .map(drop)
+        }))
+    }
+    fn reject(&self, delivery_tag: u64, requeue: bool) -> BoxFuture<'_, Result<(), Error>> {
+        let session = self.session;
+        ready(self.run(|s, w| {
+            s.wake_session(session, w);
+            s.broker.reject(session, delivery_tag, requeue, now_ms())
+        }))
+    }
+    fn recover(&self, requeue: bool) -> BoxFuture<'_, Result<(), Error>> {
+        let session = self.session;
+        ready(self.run(|s, w| {
+            s.wake_session(session, w);
+            s.broker.recover(session, requeue).map(drop)
+        }))
+    }
+    fn qos(&self, prefetch_count: u16, global: bool) -> BoxFuture<'_, Result<(), Error>> {
+        let session = self.session;
+        ready(self.run(|s, w| {
+            s.wake_session(session, w);
+            s.broker.qos(session, prefetch_count, global)
+        }))
+    }
+    fn flow(&self, _active: bool) -> BoxFuture<'_, Result<(), Error>> {
+        ready(Err(Error::NotSupported {
+            transport: "memory",
+            what: "channel.flow",
+        }))
+    }
+    fn confirm_select(&self) -> BoxFuture<'_, Result<(), Error>> {
+        self.confirm.store(true, Ordering::Relaxed);
+        ready(Ok(()))
+    }
+    fn tx_select(&self) -> BoxFuture<'_, Result<(), Error>> {
+        ready(Err(Error::NotSupported {
+            transport: "memory",
+            what: "transactions",
+        }))
+    }
+    fn tx_commit(&self) -> BoxFuture<'_, Result<(), Error>> {
+        self.tx_select()
+    }
+    fn tx_rollback(&self) -> BoxFuture<'_, Result<(), Error>> {
+        self.tx_select()
+    }
+    fn take_returns(&self) -> Option<mpsc::UnboundedReceiver<RawReturn>> {
+        let session = self.session;
+        let mut slot = self.returns_rx.lock().ok()?;
+        if let Some(rx) = slot.take() {
+            return Some(rx);
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let fresh = with_state(&self.shared, |s, _| {
+            match s.returns.entry(session) {
+                std::collections::hash_map::Entry::Occupied(_) => false,
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(tx);
+                    true
+                }
+            }
+        })
+        .ok()?;
+        fresh.then_some(rx)
+    }
+    fn close(&self) -> BoxFuture<'_, Result<(), Error>> {
+        let session = self.session;
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return ready(Ok(()));
+        }
+        ready(
+            with_state(&self.shared, |s, w| {
+                s.wake_session(session, w);
+                s.returns.remove(&session);
+                s.broker.close_session(session, now_ms())
+            })
+            .and_then(|r| r.map(drop).map_err(Error::from)),
+        )
+    }
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+    fn transport(&self) -> &'static str {
+        "memory"
+    }
+}
+
+fn raw(d: vb::Delivery, consumer_tag: &str) -> RawDelivery {
+    RawDelivery {
+        delivery_tag: d.delivery_tag,
+        redelivered: d.redelivered,
+        exchange: d.message.exchange.clone(),
+        routing_key: d.message.routing_key.clone(),
+        consumer_tag: consumer_tag.into(),
+        properties: d.message.properties.clone(),
+        body: d.message.body.clone(),
+    }
+}
+
+/// A consumer's stream: takes batches from the broker, sleeps on a waker when there is
+/// nothing (or no prefetch credit), and on a timer when a message in the broker will expire.
+struct MemoryConsumer {
+    shared: Arc<Shared>,
+    session: SessionId,
+    tag: String,
+    queue: Arc<str>,
+    id: u64,
+    buf: VecDeque<RawDelivery>,
+    scratch: Vec<vb::Delivery>,
+    timer: Option<Pin<Box<Sleep>>>,
+    done: bool,
+}
+
+enum Step {
+    Got,
+    Cancelled(Arc<str>),
+    Ended,
+    Wait(Option<u64>),
+}
+
+impl Stream for MemoryConsumer {
+    type Item = Result<RawDelivery, Error>;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        if let Some(d) = this.buf.pop_front() {
+            return Poll::Ready(Some(Ok(d)));
+        }
+        if this.done {
+            return Poll::Ready(None);
+        }
+        if let Some(t) = &mut this.timer {
+            if t.as_mut().poll(cx).is_ready() {
+                this.timer = None;
+            }
+        }
+        let (session, id, queue) = (this.session, this.id, this.queue.clone());
+        let tag = this.tag.clone();
+        let scratch = &mut this.scratch;
+        let step = with_state(&this.shared, |s, _| {
+            if let Some(q) = s.cancelled.remove(&(session, tag.clone())) {
+                s.waiters.remove(&id);
+                return if q.is_empty() {
+                    Step::Ended
+                } else {
+                    Step::Cancelled(q)
+                };
+            }
+            let now = now_ms();
+            if s.broker.next_expiry().is_some_and(|t| t <= now) {
+                s.broker.expire(now);
+            }
+            scratch.clear();
+            match s
+                .broker
+                .drain_for_consumer(session, &tag, BATCH, now, scratch)
+            {
+                Ok(n) if n > 0 => {
+                    s.waiters.remove(&id);
+                    Step::Got
+                }
+                Ok(_) => {
+                    s.waiters
+                        .insert(id, (queue.clone(), session, cx.waker().clone()));
+                    Step::Wait(s.broker.next_expiry())
+                }
+                Err(_) => {
+                    s.waiters.remove(&id);
+                    Step::Ended
+                }
+            }
+        });
+        match step {
+            Err(e) => {
+                this.done = true;
+                Poll::Ready(Some(Err(e)))
+            }
+            Ok(Step::Got) => {
+                for d in this.scratch.drain(..) {
+                    this.buf.push_back(raw(d, &this.tag));
+                }
+                match this.buf.pop_front() {
+                    Some(d) => Poll::Ready(Some(Ok(d))),
+                    None => Poll::Pending,
+                }
+            }
+            Ok(Step::Cancelled(q)) => {
+                this.done = true;
+                Poll::Ready(Some(Err(Error::ConsumerCancelled {
+                    consumer_tag: this.tag.clone(),
+                    queue: q.to_string(),
+                })))
+            }
+            Ok(Step::Ended) => {
+                this.done = true;
+                Poll::Ready(None)
+            }
+            Ok(Step::Wait(expiry)) => {
+                if let Some(at) = expiry {
+                    let wait = at.saturating_sub(now_ms()).max(1);
+                    let deadline =
+                        tokio::time::Instant::now() + std::time::Duration::from_millis(wait);
+                    let mut t = Box::pin(tokio::time::sleep_until(deadline));
+                    if t.as_mut().poll(cx).is_ready() {
+                        cx.waker().wake_by_ref();
+                    } else {
+                        this.timer = Some(t);
+                    }
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl Drop for MemoryConsumer {
+    fn drop(&mut self) {
+        let (session, id) = (self.session, self.id);
+        let tag = std::mem::take(&mut self.tag);
+        let done = self.done;
+        let _ = with_state(&self.shared, |s, _| {
+            s.waiters.remove(&id);
+            s.cancelled.remove(&(session, tag.clone()));
+            if !done {
+                let _ = s.broker.cancel(session, &tag, now_ms());
+            }
+        });
+    }
+}
