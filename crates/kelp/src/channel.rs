@@ -39,7 +39,7 @@ impl Channel {
         self.raw.clone()
     }
 
-    pub(crate) fn codec(&self) -> Codec {
+    pub(crate) fn codec(&self) -> std::sync::Arc<Codec> {
         self.conn.codec()
     }
 

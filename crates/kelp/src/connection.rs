@@ -1,13 +1,18 @@
 //! The connection: a transport chosen by URL, with Kombu's defaults.
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::Poll;
 use std::time::Duration;
 
 use kelp_amqp::FieldTable;
 
 use crate::channel::Channel;
+use tokio::sync::Mutex as AsyncMutex;
+
 use crate::compression::{Compression, DEFAULT_MAX_DECOMPRESSED};
+use crate::consumer::{no_handlers, Core, RawItem};
 use crate::error::{mask_url, Error};
 use crate::message::Codec;
 use crate::serialization::Registry;
@@ -152,12 +157,14 @@ impl ConnectionBuilder {
             inner: Arc::new(Inner {
                 transport,
                 url: mask_url(&url),
-                codec: Codec {
+                codec: Arc::new(Codec {
                     registry: self.registry,
                     compression: self.compression,
                     max_decompressed: self.max_decompressed,
-                },
+                }),
                 declared: Mutex::new(HashSet::new()),
+                consumers: Mutex::new(Vec::new()),
+                drain_cursor: AtomicUsize::new(0),
             }),
         })
     }
@@ -182,8 +189,12 @@ pub struct Connection {
 struct Inner {
     transport: Arc<dyn Transport>,
     url: String,
-    codec: Codec,
+    codec: Arc<Codec>,
     declared: Mutex<HashSet<String>>,
+    /// Every consumer built on this connection, for [`Connection::drain_events`].
+    consumers: Mutex<Vec<Weak<AsyncMutex<Core>>>>,
+    /// Where the next `drain_events` starts looking, so no consumer starves the others.
+    drain_cursor: AtomicUsize,
 }
 
 impl Connection {
@@ -247,7 +258,7 @@ impl Connection {
         &self.inner.transport
     }
 
-    pub(crate) fn codec(&self) -> Codec {
+    pub(crate) fn codec(&self) -> Arc<Codec> {
         self.inner.codec.clone()
     }
 
@@ -310,6 +321,110 @@ impl Connection {
     pub fn forget_declared(&self) {
         if let Ok(mut s) = self.inner.declared.lock() {
             s.clear();
+        }
+    }
+
+    pub(crate) fn register_consumer(&self, core: Weak<AsyncMutex<Core>>) {
+        if let Ok(mut list) = self.inner.consumers.lock() {
+            list.retain(|w| w.strong_count() > 0 && !w.ptr_eq(&core));
+            list.push(core);
+        }
+    }
+
+    /// Wait up to `timeout` for one message on any consumer of this connection that has
+    /// callbacks (or `on_message`), and run them on it — Kombu's `connection.drain_events()`.
+    /// Returns `Ok(true)` when a message was handled, `Ok(false)` when every such consumer has
+    /// ended, `Err(Error::Timeout)` when nothing came in time, and `Error::InvalidArgument`
+    /// when no consumer has callbacks. Consumers take turns, so a busy queue cannot starve the
+    /// others. While it waits it holds each consumer, so don't call the same consumers'
+    /// methods from another task at the same time.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), kelp::Error> {
+    /// use std::sync::{Arc, atomic::{AtomicUsize, Ordering}};
+    /// use kelp::{Connection, Consumer, Producer, PublishOptions, Queue};
+    ///
+    /// let conn = Connection::open("memory://drain-doc").await?;
+    /// let ch = conn.channel().await?;
+    /// let seen = Arc::new(AtomicUsize::new(0));
+    /// let counter = seen.clone();
+    /// let _consumer = Consumer::builder(&ch)
+    ///     .queue(Queue::new("jobs"))
+    ///     .callback(move |body, msg| {
+    ///         let counter = counter.clone();
+    ///         Box::pin(async move {
+    ///             println!("got {body:?}");
+    ///             counter.fetch_add(1, Ordering::SeqCst);
+    ///             msg.ack_log_error().await;
+    ///         })
+    ///     })
+    ///     .build()
+    ///     .await?;
+    /// Producer::new(&ch).publish("hi", PublishOptions::default().routing_key("jobs")).await?;
+    /// assert!(conn.drain_events(Some(std::time::Duration::from_secs(1))).await?);
+    /// assert_eq!(seen.load(Ordering::SeqCst), 1);
+    /// # Ok(()) }
+    /// ```
+    pub async fn drain_events(&self, timeout: Option<Duration>) -> Result<bool, Error> {
+        let cores: Vec<Arc<AsyncMutex<Core>>> = match self.inner.consumers.lock() {
+            Ok(mut list) => {
+                list.retain(|w| w.strong_count() > 0);
+                list.iter().filter_map(Weak::upgrade).collect()
+            }
+            Err(_) => Vec::new(),
+        };
+        let start = self.inner.drain_cursor.fetch_add(1, Ordering::Relaxed);
+        let wait = async {
+            let mut guards = Vec::with_capacity(cores.len());
+            for core in &cores {
+                let guard = core.lock().await;
+                if guard.has_handlers() {
+                    guards.push(guard);
+                }
+            }
+            if guards.is_empty() {
+                return Err(no_handlers());
+            }
+            let n = guards.len();
+            let picked: Option<(usize, RawItem)> = std::future::poll_fn(|cx| {
+                let mut ended = 0;
+                for off in 0..n {
+                    let i = (start + off) % n;
+                    let Some(guard) = guards.get_mut(i) else {
+                        continue;
+                    };
+                    match guard.poll_raw(cx) {
+                        Poll::Ready(Some(item)) => return Poll::Ready(Some((i, item))),
+                        Poll::Ready(None) => ended += 1,
+                        Poll::Pending => {}
+                    }
+                }
+                if ended == n {
+                    Poll::Ready(None)
+                } else {
+                    Poll::Pending
+                }
+            })
+            .await;
+            Ok((guards, picked))
+        };
+        // Only the wait is timed: once a message is taken it is always handled.
+        let (mut guards, picked) = match timeout {
+            Some(t) => tokio::time::timeout(t, wait)
+                .await
+                .map_err(|_| Error::Timeout {
+                    what: "an event",
+                    after: t,
+                })??,
+            None => wait.await?,
+        };
+        match picked {
+            Some((i, item)) => match guards.get_mut(i) {
+                Some(guard) => guard.dispatch(item).await.map(|()| true),
+                None => Ok(false),
+            },
+            None => Ok(false),
         }
     }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use futures_core::Stream;
 use futures_util::stream::SelectAll;
+use tokio::sync::Mutex as AsyncMutex;
 
 use crate::channel::Channel;
 use crate::entity::Queue;
@@ -14,6 +15,9 @@ use crate::error::Error;
 use crate::message::Message;
 use crate::serialization::{Accept, Value};
 use crate::transport::{BoxFuture, ConsumeSpec, DeliveryStream, RawDelivery};
+
+/// One item off a consumer's streams: its queue, and a delivery or the consumer's end.
+pub(crate) type RawItem = (Arc<str>, Result<RawDelivery, Error>);
 
 type Callback = Box<dyn for<'a> FnMut(&'a Value, &'a mut Message) -> BoxFuture<'a, ()> + Send>;
 type OnMessage = Box<dyn for<'a> FnMut(&'a mut Message) -> BoxFuture<'a, ()> + Send>;
@@ -25,7 +29,7 @@ struct Tagged {
 }
 
 impl Stream for Tagged {
-    type Item = (Arc<str>, Result<RawDelivery, Error>);
+    type Item = RawItem;
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let q = self.queue.clone();
         self.inner.as_mut().poll_next(cx).map(|o| o.map(|r| (q, r)))
@@ -55,6 +59,12 @@ impl Stream for Tagged {
 /// # Ok(()) }
 /// ```
 pub struct Consumer {
+    core: Arc<AsyncMutex<Core>>,
+    channel: Channel,
+}
+
+/// The consumer's state, behind the lock [`Consumer`] and [`crate::Connection::drain_events`] share.
+pub(crate) struct Core {
     channel: Channel,
     queues: Vec<Queue>,
     no_ack: bool,
@@ -70,9 +80,9 @@ pub struct Consumer {
     next_tag: u32,
 }
 
-impl std::fmt::Debug for Consumer {
+impl std::fmt::Debug for Core {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Consumer")
+        f.debug_struct("Core")
             .field(
                 "queues",
                 &self.queues.iter().map(|q| &q.name).collect::<Vec<_>>(),
@@ -87,7 +97,7 @@ impl std::fmt::Debug for Consumer {
 /// Builds a [`Consumer`].
 #[must_use = "call .build().await to start consuming"]
 pub struct ConsumerBuilder {
-    c: Consumer,
+    c: Core,
     err: Option<Error>,
 }
 
@@ -235,7 +245,7 @@ impl ConsumerBuilder {
             return Err(e);
         }
         self.c.consume().await?;
-        Ok(self.c)
+        Ok(Consumer::from_core(self.c))
     }
 
     /// Build without starting to consume (call [`Consumer::consume`] later).
@@ -248,7 +258,25 @@ impl ConsumerBuilder {
     pub fn build_idle(self) -> Result<Consumer, Error> {
         match self.err {
             Some(e) => Err(e),
-            None => Ok(self.c),
+            None => Ok(Consumer::from_core(self.c)),
+        }
+    }
+}
+
+impl std::fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.core.try_lock() {
+            Ok(core) => f
+                .debug_struct("Consumer")
+                .field(
+                    "queues",
+                    &core.queues.iter().map(|q| &q.name).collect::<Vec<_>>(),
+                )
+                .field("no_ack", &core.no_ack)
+                .field("prefetch_count", &core.prefetch_count)
+                .field("active", &core.active)
+                .finish_non_exhaustive(),
+            Err(_) => f.debug_struct("Consumer").finish_non_exhaustive(),
         }
     }
 }
@@ -257,11 +285,229 @@ impl Consumer {
     /// A builder for a consumer on `channel`.
     ///
     /// ```no_run
-    /// # fn demo(ch: &kelp::Channel) { let b = kelp::Consumer::builder(ch); }
+    /// # async fn demo(ch: &kelp::Channel) -> Result<(), kelp::Error> {
+    /// let consumer = kelp::Consumer::builder(ch)
+    ///     .queue(kelp::Queue::new("tasks"))
+    ///     .prefetch_count(10)
+    ///     .build()
+    ///     .await?;
+    /// # Ok(()) }
     /// ```
     pub fn builder(channel: &Channel) -> ConsumerBuilder {
+        Core::builder(channel)
+    }
+
+    fn from_core(core: Core) -> Self {
+        let channel = core.channel.clone();
+        let core = Arc::new(AsyncMutex::new(core));
+        channel
+            .connection()
+            .register_consumer(Arc::downgrade(&core));
+        Consumer { core, channel }
+    }
+
+    /// The channel it consumes on.
+    ///
+    /// ```no_run
+    /// # fn demo(c: &kelp::Consumer) { let ch = c.channel(); }
+    /// ```
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    /// Its queues (server-generated names filled in once declared).
+    ///
+    /// ```no_run
+    /// # async fn demo(c: &kelp::Consumer) {
+    /// for q in c.queues().await { println!("{}", q.name); }
+    /// # }
+    /// ```
+    pub async fn queues(&self) -> Vec<Queue> {
+        self.core.lock().await.queues.clone()
+    }
+
+    /// Start consuming every queue not consumed yet (declaring them first unless
+    /// `auto_declare(false)`). [`ConsumerBuilder::build`] does this already.
+    ///
+    /// ```no_run
+    /// # async fn demo(ch: &kelp::Channel) -> Result<(), kelp::Error> {
+    /// let mut c = kelp::Consumer::builder(ch).queue(kelp::Queue::new("q")).build_idle()?;
+    /// c.consume().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn consume(&mut self) -> Result<(), Error> {
+        self.core.lock().await.consume().await
+    }
+
+    /// Add a queue and, if the consumer is active, start consuming it.
+    ///
+    /// ```no_run
+    /// # async fn demo(c: &mut kelp::Consumer) -> Result<(), kelp::Error> {
+    /// c.add_queue(kelp::Queue::new("more")).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn add_queue(&mut self, queue: Queue) -> Result<(), Error> {
+        self.core.lock().await.add_queue(queue).await
+    }
+
+    /// True if it consumes from `queue`.
+    ///
+    /// ```no_run
+    /// # async fn demo(c: &kelp::Consumer) { assert!(c.consuming_from("tasks").await); }
+    /// ```
+    pub async fn consuming_from(&self, queue: &str) -> bool {
+        self.core.lock().await.consuming_from(queue)
+    }
+
+    /// Stop consuming every queue. Messages already delivered can still be read.
+    ///
+    /// ```no_run
+    /// # async fn demo(c: &mut kelp::Consumer) -> Result<(), kelp::Error> {
+    /// c.cancel().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn cancel(&mut self) -> Result<(), Error> {
+        self.core.lock().await.cancel().await
+    }
+
+    /// Stop consuming `queue` only.
+    ///
+    /// ```no_run
+    /// # async fn demo(c: &mut kelp::Consumer) -> Result<(), kelp::Error> {
+    /// c.cancel_by_queue("tasks").await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn cancel_by_queue(&mut self, queue: &str) -> Result<(), Error> {
+        self.core.lock().await.cancel_by_queue(queue).await
+    }
+
+    /// Purge every queue; returns the total removed.
+    ///
+    /// ```no_run
+    /// # async fn demo(c: &kelp::Consumer) -> Result<(), kelp::Error> {
+    /// let n = c.purge().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn purge(&self) -> Result<u32, Error> {
+        self.core.lock().await.purge().await
+    }
+
+    /// Pause (`false`) or resume (`true`) deliveries (`channel.flow`).
+    ///
+    /// ```no_run
+    /// # async fn demo(c: &kelp::Consumer) -> Result<(), kelp::Error> {
+    /// c.flow(false).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn flow(&self, active: bool) -> Result<(), Error> {
+        self.channel.flow(active).await
+    }
+
+    /// Change the prefetch limit.
+    ///
+    /// ```no_run
+    /// # async fn demo(c: &mut kelp::Consumer) -> Result<(), kelp::Error> {
+    /// c.qos(100, false).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn qos(&mut self, prefetch_count: u16, global: bool) -> Result<(), Error> {
+        self.core.lock().await.qos(prefetch_count, global).await
+    }
+
+    /// Redeliver unacknowledged messages.
+    ///
+    /// ```no_run
+    /// # async fn demo(c: &kelp::Consumer) -> Result<(), kelp::Error> {
+    /// c.recover(true).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn recover(&self, requeue: bool) -> Result<(), Error> {
+        self.channel.recover(requeue).await
+    }
+
+    /// Add a callback `(body, message)`, run by [`Consumer::drain_events`] and
+    /// [`crate::Connection::drain_events`].
+    ///
+    /// ```no_run
+    /// # async fn demo(c: &mut kelp::Consumer) {
+    /// c.register_callback(|_body, msg| Box::pin(async move { msg.ack_log_error().await })).await;
+    /// # }
+    /// ```
+    pub async fn register_callback<F>(&mut self, f: F)
+    where
+        F: for<'a> FnMut(&'a Value, &'a mut Message) -> BoxFuture<'a, ()> + Send + 'static,
+    {
+        self.core.lock().await.register_callback(f);
+    }
+
+    /// Move to another channel (Kombu's `revive`); call [`Consumer::consume`] again after.
+    ///
+    /// ```no_run
+    /// # async fn demo(c: &mut kelp::Consumer, ch: &kelp::Channel) -> Result<(), kelp::Error> {
+    /// c.revive(ch).await;
+    /// c.consume().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn revive(&mut self, channel: &Channel) {
+        self.core.lock().await.revive(channel);
+        self.channel = channel.clone();
+        channel
+            .connection()
+            .register_consumer(Arc::downgrade(&self.core));
+    }
+
+    /// The next message from any of the queues; `None` once every consumer ended. A message
+    /// whose content type is not accepted goes to the decode-error handler and is skipped. A
+    /// broker-side cancel (queue deleted) comes as `Err(Error::ConsumerCancelled)`.
+    ///
+    /// ```no_run
+    /// # async fn demo(mut c: kelp::Consumer) -> Result<(), kelp::Error> {
+    /// while let Some(msg) = c.next().await {
+    ///     msg?.ack().await?;
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn next(&mut self) -> Option<Result<Message, Error>> {
+        self.core.lock().await.next().await
+    }
+
+    /// Like [`Consumer::next`] but gives up after `timeout` with `Error::Timeout`.
+    ///
+    /// ```no_run
+    /// # async fn demo(mut c: kelp::Consumer) -> Result<(), kelp::Error> {
+    /// let msg = c.next_timeout(std::time::Duration::from_secs(1)).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn next_timeout(&mut self, timeout: Duration) -> Result<Option<Message>, Error> {
+        self.core.lock().await.next_timeout(timeout).await
+    }
+
+    /// Wait up to `timeout` for one message and run the callbacks (or `on_message`) on it.
+    /// Returns `Ok(true)` if a message was handled, `Ok(false)` once every consumer ended, and
+    /// `Err(Error::Timeout)` when nothing came. Without callbacks or `on_message` it is an
+    /// `Error::InvalidArgument` (as Kombu refuses a consumer without callbacks).
+    ///
+    /// ```no_run
+    /// # async fn demo(mut c: kelp::Consumer) -> Result<(), kelp::Error> {
+    /// loop {
+    ///     match c.drain_events(Some(std::time::Duration::from_secs(1))).await {
+    ///         Ok(true) => continue,
+    ///         Ok(false) => break,
+    ///         Err(kelp::Error::Timeout { .. }) => continue,
+    ///         Err(e) => return Err(e),
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn drain_events(&mut self, timeout: Option<Duration>) -> Result<bool, Error> {
+        self.core.lock().await.drain_events(timeout).await
+    }
+}
+
+impl Core {
+    fn builder(channel: &Channel) -> ConsumerBuilder {
         ConsumerBuilder {
-            c: Consumer {
+            c: Core {
                 channel: channel.clone(),
                 queues: Vec::new(),
                 no_ack: false,
@@ -280,33 +526,7 @@ impl Consumer {
         }
     }
 
-    /// The channel it consumes on.
-    ///
-    /// ```no_run
-    /// # fn demo(c: &kelp::Consumer) { let ch = c.channel(); }
-    /// ```
-    pub fn channel(&self) -> &Channel {
-        &self.channel
-    }
-
-    /// Its queues (server-generated names filled in once declared).
-    ///
-    /// ```no_run
-    /// # fn demo(c: &kelp::Consumer) { for q in c.queues() { println!("{}", q.name); } }
-    /// ```
-    pub fn queues(&self) -> &[Queue] {
-        &self.queues
-    }
-
-    /// Start consuming every queue not consumed yet (declaring them first unless
-    /// `auto_declare(false)`).
-    ///
-    /// ```no_run
-    /// # async fn demo(c: &mut kelp::Consumer) -> Result<(), kelp::Error> {
-    /// c.consume().await?;
-    /// # Ok(()) }
-    /// ```
-    pub async fn consume(&mut self) -> Result<(), Error> {
+    pub(crate) async fn consume(&mut self) -> Result<(), Error> {
         if let Some(n) = self.prefetch_count {
             self.channel.qos(n, false).await?;
         }
@@ -347,14 +567,7 @@ impl Consumer {
         Ok(())
     }
 
-    /// Add a queue and, if the consumer is active, start consuming it.
-    ///
-    /// ```no_run
-    /// # async fn demo(c: &mut kelp::Consumer) -> Result<(), kelp::Error> {
-    /// c.add_queue(kelp::Queue::new("more")).await?;
-    /// # Ok(()) }
-    /// ```
-    pub async fn add_queue(&mut self, queue: Queue) -> Result<(), Error> {
+    pub(crate) async fn add_queue(&mut self, queue: Queue) -> Result<(), Error> {
         self.queues.push(queue);
         if !self.active.is_empty() {
             self.start(self.queues.len() - 1).await?;
@@ -362,37 +575,18 @@ impl Consumer {
         Ok(())
     }
 
-    /// True if it consumes from `queue`.
-    ///
-    /// ```no_run
-    /// # fn demo(c: &kelp::Consumer) { assert!(c.consuming_from("tasks")); }
-    /// ```
-    pub fn consuming_from(&self, queue: &str) -> bool {
+    pub(crate) fn consuming_from(&self, queue: &str) -> bool {
         self.active.iter().any(|(_, q)| q == queue)
     }
 
-    /// Stop consuming every queue. Messages already delivered can still be read.
-    ///
-    /// ```no_run
-    /// # async fn demo(c: &mut kelp::Consumer) -> Result<(), kelp::Error> {
-    /// c.cancel().await?;
-    /// # Ok(()) }
-    /// ```
-    pub async fn cancel(&mut self) -> Result<(), Error> {
+    pub(crate) async fn cancel(&mut self) -> Result<(), Error> {
         for (tag, _) in std::mem::take(&mut self.active) {
             self.channel.raw().cancel(&tag).await?;
         }
         Ok(())
     }
 
-    /// Stop consuming `queue` only.
-    ///
-    /// ```no_run
-    /// # async fn demo(c: &mut kelp::Consumer) -> Result<(), kelp::Error> {
-    /// c.cancel_by_queue("tasks").await?;
-    /// # Ok(()) }
-    /// ```
-    pub async fn cancel_by_queue(&mut self, queue: &str) -> Result<(), Error> {
+    pub(crate) async fn cancel_by_queue(&mut self, queue: &str) -> Result<(), Error> {
         let mut keep = Vec::new();
         for (tag, q) in std::mem::take(&mut self.active) {
             if q == queue {
@@ -405,14 +599,7 @@ impl Consumer {
         Ok(())
     }
 
-    /// Purge every queue; returns the total removed.
-    ///
-    /// ```no_run
-    /// # async fn demo(c: &kelp::Consumer) -> Result<(), kelp::Error> {
-    /// let n = c.purge().await?;
-    /// # Ok(()) }
-    /// ```
-    pub async fn purge(&self) -> Result<u32, Error> {
+    pub(crate) async fn purge(&self) -> Result<u32, Error> {
         let mut n = 0;
         for q in &self.queues {
             n += q.purge(&self.channel).await?;
@@ -420,63 +607,19 @@ impl Consumer {
         Ok(n)
     }
 
-    /// Pause (`false`) or resume (`true`) deliveries (`channel.flow`).
-    ///
-    /// ```no_run
-    /// # async fn demo(c: &kelp::Consumer) -> Result<(), kelp::Error> {
-    /// c.flow(false).await?;
-    /// # Ok(()) }
-    /// ```
-    pub async fn flow(&self, active: bool) -> Result<(), Error> {
-        self.channel.flow(active).await
-    }
-
-    /// Change the prefetch limit.
-    ///
-    /// ```no_run
-    /// # async fn demo(c: &mut kelp::Consumer) -> Result<(), kelp::Error> {
-    /// c.qos(100, false).await?;
-    /// # Ok(()) }
-    /// ```
-    pub async fn qos(&mut self, prefetch_count: u16, global: bool) -> Result<(), Error> {
+    pub(crate) async fn qos(&mut self, prefetch_count: u16, global: bool) -> Result<(), Error> {
         self.prefetch_count = Some(prefetch_count);
         self.channel.qos(prefetch_count, global).await
     }
 
-    /// Redeliver unacknowledged messages.
-    ///
-    /// ```no_run
-    /// # async fn demo(c: &kelp::Consumer) -> Result<(), kelp::Error> {
-    /// c.recover(true).await?;
-    /// # Ok(()) }
-    /// ```
-    pub async fn recover(&self, requeue: bool) -> Result<(), Error> {
-        self.channel.recover(requeue).await
-    }
-
-    /// Add a callback `(body, message)`.
-    ///
-    /// ```no_run
-    /// # fn demo(c: &mut kelp::Consumer) {
-    /// c.register_callback(|_body, msg| Box::pin(async move { msg.ack_log_error().await }));
-    /// # }
-    /// ```
-    pub fn register_callback<F>(&mut self, f: F)
+    pub(crate) fn register_callback<F>(&mut self, f: F)
     where
         F: for<'a> FnMut(&'a Value, &'a mut Message) -> BoxFuture<'a, ()> + Send + 'static,
     {
         self.callbacks.push(Box::new(f));
     }
 
-    /// Move to another channel (Kombu's `revive`): call [`Consumer::consume`] again after.
-    ///
-    /// ```no_run
-    /// # async fn demo(c: &mut kelp::Consumer, ch: &kelp::Channel) -> Result<(), kelp::Error> {
-    /// c.revive(ch);
-    /// c.consume().await?;
-    /// # Ok(()) }
-    /// ```
-    pub fn revive(&mut self, channel: &Channel) {
+    pub(crate) fn revive(&mut self, channel: &Channel) {
         self.channel = channel.clone();
         self.active.clear();
         self.streams = SelectAll::new();
@@ -499,53 +642,55 @@ impl Consumer {
         }
     }
 
-    /// The next message from any of the queues; `None` once every consumer ended. A message
-    /// whose content type is not accepted goes to the decode-error handler and is skipped. A
-    /// broker-side cancel (queue deleted) comes as `Err(Error::ConsumerCancelled)`.
-    ///
-    /// ```no_run
-    /// # async fn demo(mut c: kelp::Consumer) -> Result<(), kelp::Error> {
-    /// while let Some(msg) = c.next().await {
-    ///     msg?.ack().await?;
-    /// }
-    /// # Ok(()) }
-    /// ```
-    pub async fn next(&mut self) -> Option<Result<Message, Error>> {
-        loop {
-            let (queue, item) =
-                std::future::poll_fn(|cx| Pin::new(&mut self.streams).poll_next(cx)).await?;
-            match item {
-                Ok(d) => {
-                    let mut m = self.wrap(d);
-                    if let Err(e) = self.accepted(&m) {
-                        self.decode_error(&mut m, &e).await;
-                        continue;
-                    }
-                    return Some(Ok(m));
+    /// Poll the delivery streams once. Cancel-safe: an item is either returned or stays queued.
+    pub(crate) fn poll_raw(&mut self, cx: &mut Context<'_>) -> Poll<Option<RawItem>> {
+        Pin::new(&mut self.streams).poll_next(cx)
+    }
+
+    /// Make a raw item the user's message; `None` when it went to the decode-error handler.
+    async fn admit(&mut self, (queue, item): RawItem) -> Option<Result<Message, Error>> {
+        match item {
+            Ok(d) => {
+                let mut m = self.wrap(d);
+                if let Err(e) = self.accepted(&m) {
+                    self.decode_error(&mut m, &e).await;
+                    return None;
                 }
-                Err(e) => {
-                    self.active.retain(|(_, q)| **q != *queue);
-                    return Some(Err(e));
-                }
+                Some(Ok(m))
+            }
+            Err(e) => {
+                self.active.retain(|(_, q)| **q != *queue);
+                Some(Err(e))
             }
         }
     }
 
-    /// Like [`Consumer::next`] but gives up after `timeout` with `Error::Timeout`.
-    ///
-    /// ```no_run
-    /// # async fn demo(mut c: kelp::Consumer) -> Result<(), kelp::Error> {
-    /// let msg = c.next_timeout(std::time::Duration::from_secs(1)).await?;
-    /// # Ok(()) }
-    /// ```
-    pub async fn next_timeout(&mut self, timeout: Duration) -> Result<Option<Message>, Error> {
-        match tokio::time::timeout(timeout, self.next()).await {
-            Ok(Some(r)) => r.map(Some),
-            Ok(None) => Ok(None),
-            Err(_) => Err(Error::Timeout {
-                what: "a message",
-                after: timeout,
-            }),
+    pub(crate) async fn next(&mut self) -> Option<Result<Message, Error>> {
+        loop {
+            let raw = std::future::poll_fn(|cx| self.poll_raw(cx)).await?;
+            if let Some(r) = self.admit(raw).await {
+                return Some(r);
+            }
+        }
+    }
+
+    pub(crate) async fn next_timeout(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<Option<Message>, Error> {
+        loop {
+            let raw = tokio::time::timeout(timeout, std::future::poll_fn(|cx| self.poll_raw(cx)))
+                .await
+                .map_err(|_| Error::Timeout {
+                    what: "a message",
+                    after: timeout,
+                })?;
+            let Some(raw) = raw else {
+                return Ok(None);
+            };
+            if let Some(r) = self.admit(raw).await {
+                return r.map(Some);
+            }
         }
     }
 
@@ -560,50 +705,60 @@ impl Consumer {
         }
     }
 
-    /// Wait up to `timeout` for one message and run the callbacks (or `on_message`) on it.
-    /// Returns `Ok(true)` if a message was handled, `Ok(false)` once every consumer ended, and
-    /// `Err(Error::Timeout)` when nothing came.
-    ///
-    /// ```no_run
-    /// # async fn demo(mut c: kelp::Consumer) -> Result<(), kelp::Error> {
-    /// loop {
-    ///     match c.drain_events(Some(std::time::Duration::from_secs(1))).await {
-    ///         Ok(true) => continue,
-    ///         Ok(false) => break,
-    ///         Err(kelp::Error::Timeout { .. }) => continue,
-    ///         Err(e) => return Err(e),
-    ///     }
-    /// }
-    /// # Ok(()) }
-    /// ```
-    pub async fn drain_events(&mut self, timeout: Option<Duration>) -> Result<bool, Error> {
-        let next = match timeout {
-            Some(t) => tokio::time::timeout(t, self.next())
-                .await
-                .map_err(|_| Error::Timeout {
-                    what: "an event",
-                    after: t,
-                })?,
-            None => self.next().await,
-        };
-        let Some(m) = next else {
-            return Ok(false);
+    /// True when there is something to run for a message (callbacks or `on_message`).
+    pub(crate) fn has_handlers(&self) -> bool {
+        !self.callbacks.is_empty() || self.on_message.is_some()
+    }
+
+    /// Run the handlers on one raw item. An error is the consumer's own (e.g. cancelled by the
+    /// broker); handler outcomes are the handlers' business.
+    pub(crate) async fn dispatch(&mut self, raw: RawItem) -> Result<(), Error> {
+        let Some(m) = self.admit(raw).await else {
+            return Ok(());
         };
         let mut m = m?;
         if let Some(h) = &mut self.on_message {
             h(&mut m).await;
-            return Ok(true);
+            return Ok(());
         }
         let value = match m.payload() {
             Ok(v) => v.clone(),
             Err(e) => {
                 self.decode_error(&mut m, &e).await;
-                return Ok(true);
+                return Ok(());
             }
         };
         for cb in &mut self.callbacks {
             cb(&value, &mut m).await;
         }
-        Ok(true)
+        Ok(())
+    }
+
+    pub(crate) async fn drain_events(&mut self, timeout: Option<Duration>) -> Result<bool, Error> {
+        if !self.has_handlers() {
+            return Err(no_handlers());
+        }
+        let poll = std::future::poll_fn(|cx| self.poll_raw(cx));
+        // Only the wait is timed: once an item is taken it is always handled.
+        let raw = match timeout {
+            Some(t) => tokio::time::timeout(t, poll)
+                .await
+                .map_err(|_| Error::Timeout {
+                    what: "an event",
+                    after: t,
+                })?,
+            None => poll.await,
+        };
+        match raw {
+            Some(raw) => self.dispatch(raw).await.map(|()| true),
+            None => Ok(false),
+        }
+    }
+}
+
+pub(crate) fn no_handlers() -> Error {
+    Error::InvalidArgument {
+        what: "drain_events",
+        reason: "no consumer with callbacks or on_message to run".into(),
     }
 }

@@ -78,7 +78,7 @@ pub struct Message {
     channel: Option<Arc<dyn TransportChannel>>,
     state: MessageState,
     no_ack: bool,
-    codec: Codec,
+    codec: Arc<Codec>,
     accept: Option<Arc<Accept>>,
     payload: OnceLock<Value>,
     plain: OnceLock<Bytes>,
@@ -89,7 +89,7 @@ impl Message {
         d: RawDelivery,
         channel: Arc<dyn TransportChannel>,
         no_ack: bool,
-        codec: Codec,
+        codec: Arc<Codec>,
     ) -> Self {
         Message {
             d,
