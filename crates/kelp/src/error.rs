@@ -101,6 +101,13 @@ pub enum Error {
         /// Its queue.
         queue: String,
     },
+    /// A queue had no message to give (`get_nowait`, or `get` that timed out) — Kombu's
+    /// `Empty` / aio-pika's `QueueEmpty`.
+    #[error("queue {queue:?} is empty")]
+    QueueEmpty {
+        /// The queue.
+        queue: String,
+    },
     /// A header or property value cannot be carried by the transport.
     #[error("invalid {what}: {reason}")]
     InvalidArgument {

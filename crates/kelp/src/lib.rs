@@ -19,6 +19,7 @@ pub mod error;
 pub mod message;
 pub mod producer;
 pub mod retry;
+pub mod simple;
 
 pub use channel::Channel;
 pub use connection::{ConnectOptions, Connection, ConnectionBuilder, DEFAULT_URL};
@@ -28,3 +29,4 @@ pub use error::Error;
 pub use message::{DeliveryInfo, Message, MessageState};
 pub use producer::{Body, Producer, PublishOptions};
 pub use retry::RetryPolicy;
+pub use simple::{SimpleBuffer, SimpleQueue};
