@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use crate::bound::{BoundExchange, BoundQueue};
 use crate::connection::Connection;
 use crate::entity::{Exchange, Queue};
 use crate::error::Error;
@@ -55,9 +56,9 @@ impl Channel {
     /// let ex = ch.declare_exchange(kelp::Exchange::fanout("news")).await?;
     /// # Ok(()) }
     /// ```
-    pub async fn declare_exchange(&self, exchange: Exchange) -> Result<Exchange, Error> {
+    pub async fn declare_exchange(&self, exchange: Exchange) -> Result<BoundExchange, Error> {
         exchange.declare(self).await?;
-        Ok(exchange)
+        Ok(BoundExchange::new(exchange, self))
     }
 
     /// Check that an exchange exists (passive declare) and return a handle to it
@@ -68,12 +69,12 @@ impl Channel {
     /// let ex = ch.get_exchange("amq.topic", true).await?;
     /// # Ok(()) }
     /// ```
-    pub async fn get_exchange(&self, name: &str, ensure: bool) -> Result<Exchange, Error> {
+    pub async fn get_exchange(&self, name: &str, ensure: bool) -> Result<BoundExchange, Error> {
         let ex = Exchange::new(name).passive(true);
         if ensure {
             ex.declare(self).await?;
         }
-        Ok(ex)
+        Ok(BoundExchange::new(ex, self))
     }
 
     /// The default exchange (routes to the queue named by the routing key).
@@ -83,8 +84,8 @@ impl Channel {
     /// assert!(ch.default_exchange().is_default());
     /// # }
     /// ```
-    pub fn default_exchange(&self) -> Exchange {
-        Exchange::default_exchange()
+    pub fn default_exchange(&self) -> BoundExchange {
+        BoundExchange::new(Exchange::default_exchange(), self)
     }
 
     /// Declare `queue` (with its exchange and bindings) and return it, name filled in.
@@ -95,9 +96,9 @@ impl Channel {
     /// assert!(!q.name.is_empty());
     /// # Ok(()) }
     /// ```
-    pub async fn declare_queue(&self, mut queue: Queue) -> Result<Queue, Error> {
+    pub async fn declare_queue(&self, mut queue: Queue) -> Result<BoundQueue, Error> {
         queue.declare(self).await?;
-        Ok(queue)
+        Ok(BoundQueue::new(queue, self))
     }
 
     /// Check that a queue exists (passive declare) and return a handle to it.
@@ -107,12 +108,12 @@ impl Channel {
     /// let q = ch.get_queue("tasks", true).await?;
     /// # Ok(()) }
     /// ```
-    pub async fn get_queue(&self, name: &str, ensure: bool) -> Result<Queue, Error> {
+    pub async fn get_queue(&self, name: &str, ensure: bool) -> Result<BoundQueue, Error> {
         let mut q = Queue::new(name).passive(true);
         if ensure {
             q.declare(self).await?;
         }
-        Ok(q)
+        Ok(BoundQueue::new(q, self))
     }
 
     /// Set the prefetch limit (`basic.qos`); `global` applies it to the whole channel.

@@ -113,8 +113,8 @@ impl ConsumerBuilder {
     /// ```no_run
     /// # fn demo(ch: &kelp::Channel) { let b = kelp::Consumer::builder(ch).queue(kelp::Queue::new("a")); }
     /// ```
-    pub fn queue(mut self, queue: Queue) -> Self {
-        self.c.queues.push(queue);
+    pub fn queue(mut self, queue: impl Into<Queue>) -> Self {
+        self.c.queues.push(queue.into());
         self
     }
     /// Consume from all of `queues`.
@@ -348,6 +348,21 @@ impl Consumer {
     /// ```
     pub async fn add_queue(&mut self, queue: Queue) -> Result<(), Error> {
         self.core.lock().await.add_queue(queue).await
+    }
+
+    /// The consumer tags of the queues it consumes now.
+    ///
+    /// ```no_run
+    /// # async fn demo(c: &kelp::Consumer) { println!("{:?}", c.consumer_tags().await); }
+    /// ```
+    pub async fn consumer_tags(&self) -> Vec<String> {
+        self.core
+            .lock()
+            .await
+            .active
+            .iter()
+            .map(|(tag, _)| tag.clone())
+            .collect()
     }
 
     /// True if it consumes from `queue`.

@@ -441,7 +441,8 @@ impl Queue {
     /// let q = kelp::Queue::new("q").exchange(kelp::Exchange::fanout("f"));
     /// assert_eq!(q.exchange.unwrap().name, "f");
     /// ```
-    pub fn exchange(mut self, exchange: Exchange) -> Self {
+    pub fn exchange(mut self, exchange: impl Into<Exchange>) -> Self {
+        let exchange = exchange.into();
         self.exchange = Some(exchange);
         self
     }

@@ -11,6 +11,7 @@ pub mod compression;
 pub mod serialization;
 pub mod transport;
 
+pub mod bound;
 pub mod channel;
 pub mod connection;
 pub mod consumer;
@@ -21,6 +22,7 @@ pub mod producer;
 pub mod retry;
 pub mod simple;
 
+pub use bound::{BoundExchange, BoundQueue};
 pub use channel::Channel;
 pub use connection::{ConnectOptions, Connection, ConnectionBuilder, DEFAULT_URL};
 pub use consumer::{Consumer, ConsumerBuilder};

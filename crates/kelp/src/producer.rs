@@ -256,7 +256,8 @@ impl Producer {
     /// ```no_run
     /// # fn demo(ch: &kelp::Channel) { let p = kelp::Producer::new(ch).exchange(kelp::Exchange::fanout("f")); }
     /// ```
-    pub fn exchange(mut self, exchange: Exchange) -> Self {
+    pub fn exchange(mut self, exchange: impl Into<Exchange>) -> Self {
+        let exchange = exchange.into();
         self.exchange = exchange;
         self
     }
