@@ -100,6 +100,11 @@ async fn broker_forced_close_reaches_every_handle_as_connection_closed_320() {
             .unwrap()
             .expect("our connection is not listed by rabbitmqctl")
     };
+    // Somebody waiting for the close hears it.
+    let waiter = {
+        let conn = conn.clone();
+        tokio::spawn(async move { conn.closed().await })
+    };
     let reason = "kelp forced-close test";
     let closed = tokio::task::spawn_blocking(move || {
         rabbitmqctl(&["-q", "close_connection", &pid, reason]).is_some()
@@ -128,6 +133,12 @@ async fn broker_forced_close_reaches_every_handle_as_connection_closed_320() {
         .is_none());
 
     // Everything reports it, and fails at once with it.
+    let why = common::within("closed() after forced close", FAST, waiter)
+        .await
+        .unwrap();
+    assert_eq!(why.to_string(), err.to_string());
+    let again = common::within("closed() on a closed connection", FAST, conn.closed()).await;
+    assert_eq!(again.to_string(), err.to_string());
     assert!(conn.is_closed());
     assert!(ch.is_closed());
     assert_eq!(

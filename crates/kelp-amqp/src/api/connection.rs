@@ -191,6 +191,28 @@ impl Connection {
         self.shared.closed().is_some() || self.tx.is_closed()
     }
 
+    /// Wait until the connection closes, for any reason, and return why
+    /// ([`Error::ConnectionClosedByClient`] after [`Connection::close`]). Any number of tasks
+    /// may wait; it returns at once on a closed connection.
+    ///
+    /// ```no_run
+    /// # async fn demo(conn: kelp_amqp::Connection) {
+    /// tokio::spawn(async move {
+    ///     let why = conn.closed().await;
+    ///     eprintln!("connection lost: {why}");
+    /// });
+    /// # }
+    /// ```
+    pub async fn closed(&self) -> Error {
+        let mut watch = self.shared.closed_watch();
+        tokio::select! {
+            _ = watch.wait_for(|closed| *closed) => {}
+            // The connection task is gone without saying why (runtime shut down).
+            _ = self.tx.closed() => {}
+        }
+        self.close_error().unwrap_or(Error::DriverGone)
+    }
+
     /// Why the connection closed, if it did.
     pub fn close_error(&self) -> Option<Error> {
         self.shared.closed().cloned()

@@ -27,6 +27,8 @@ pub struct Tuning {
 #[derive(Debug)]
 pub(crate) struct ConnShared {
     closed: OnceLock<Error>,
+    /// Flips to true once `closed` is set, for handles waiting on [`crate::Connection::closed`].
+    closed_watch: watch::Sender<bool>,
     tuning: OnceLock<Tuning>,
     blocked: watch::Sender<Option<String>>,
 }
@@ -35,6 +37,7 @@ impl ConnShared {
     pub(crate) fn new() -> Self {
         ConnShared {
             closed: OnceLock::new(),
+            closed_watch: watch::channel(false).0,
             tuning: OnceLock::new(),
             blocked: watch::channel(None).0,
         }
@@ -42,9 +45,13 @@ impl ConnShared {
     pub(crate) fn set_closed(&self, e: Error) {
         let _ = self.closed.set(e);
         self.blocked.send_replace(None);
+        self.closed_watch.send_replace(true);
     }
     pub(crate) fn closed(&self) -> Option<&Error> {
         self.closed.get()
+    }
+    pub(crate) fn closed_watch(&self) -> watch::Receiver<bool> {
+        self.closed_watch.subscribe()
     }
     pub(crate) fn set_connected(
         &self,
