@@ -251,6 +251,11 @@ impl From<&BoundQueue> for Queue {
 }
 
 /// How [`BoundQueue::consume_with`] consumes.
+///
+/// ```
+/// let o = kelp::bound::QueueConsumeOptions { prefetch_count: Some(5), ..Default::default() };
+/// assert!(!o.no_ack);
+/// ```
 #[derive(Debug, Clone, Default)]
 pub struct QueueConsumeOptions {
     /// Deliveries count as acknowledged when sent (default false).

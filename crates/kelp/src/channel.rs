@@ -32,6 +32,10 @@ impl Channel {
     }
 
     /// The transport-level channel (for advanced use).
+    ///
+    /// ```no_run
+    /// # fn demo(ch: &kelp::Channel) { assert!(!ch.raw().is_closed()); }
+    /// ```
     pub fn raw(&self) -> &Arc<dyn TransportChannel> {
         &self.raw
     }
@@ -45,6 +49,10 @@ impl Channel {
     }
 
     /// The connection this channel belongs to.
+    ///
+    /// ```no_run
+    /// # fn demo(ch: &kelp::Channel) { println!("{}", ch.connection().url()); }
+    /// ```
     pub fn connection(&self) -> &Connection {
         &self.conn
     }

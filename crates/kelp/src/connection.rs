@@ -19,9 +19,18 @@ use crate::serialization::Registry;
 use crate::transport::{self, Transport};
 
 /// The URL used when none is given and `KELP_URL` is unset (Kombu's default broker).
+///
+/// ```
+/// assert_eq!(kelp::DEFAULT_URL, "amqp://guest:guest@localhost:5672//");
+/// ```
 pub const DEFAULT_URL: &str = "amqp://guest:guest@localhost:5672//";
 
 /// Connection settings beyond the URL.
+///
+/// ```
+/// let opts = kelp::ConnectOptions::default();
+/// assert_eq!(opts.connect_timeout, Some(std::time::Duration::from_secs(30)));
+/// ```
 #[derive(Debug, Clone)]
 pub struct ConnectOptions {
     /// Give up connecting after this long (default 30 s; `None` waits as long as the OS).
@@ -254,6 +263,12 @@ impl Connection {
     }
 
     /// The transport (for advanced use).
+    ///
+    /// ```no_run
+    /// # async fn demo(conn: &kelp::Connection) {
+    /// assert!(!conn.transport().is_closed());
+    /// # }
+    /// ```
     pub fn transport(&self) -> &Arc<dyn Transport> {
         &self.inner.transport
     }

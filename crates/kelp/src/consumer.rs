@@ -95,6 +95,18 @@ impl std::fmt::Debug for Core {
 }
 
 /// Builds a [`Consumer`].
+///
+/// ```no_run
+/// # async fn demo(ch: &kelp::Channel) -> Result<(), kelp::Error> {
+/// let consumer = kelp::Consumer::builder(ch)
+///     .queue(kelp::Queue::new("tasks"))
+///     .accept(["json", "msgpack"])
+///     .prefetch_count(20)
+///     .tag_prefix("worker")
+///     .build()
+///     .await?;
+/// # Ok(()) }
+/// ```
 #[must_use = "call .build().await to start consuming"]
 pub struct ConsumerBuilder {
     c: Core,

@@ -14,6 +14,13 @@ use crate::error::Error;
 use crate::transport::{ExchangeFlags, QueueDeclared, QueueFlags, RawDelivery};
 
 /// How messages published to an exchange without an explicit delivery mode are stored.
+///
+/// ```
+/// use kelp::{DeliveryMode, Exchange};
+/// let ex = Exchange::direct("metrics").delivery_mode(DeliveryMode::Transient);
+/// assert_eq!(ex.delivery_mode, Some(DeliveryMode::Transient));
+/// assert_eq!(DeliveryMode::Persistent as u8, 2);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeliveryMode {
     /// Kept in memory only (AMQP delivery mode 1).
@@ -288,6 +295,14 @@ impl Exchange {
 }
 
 /// One extra binding of a queue (Kombu's `binding`).
+///
+/// ```
+/// use kelp::{Binding, Exchange, Queue};
+/// let q = Queue::new("audit")
+///     .bind(Binding::new(Exchange::topic("orders"), "order.*"))
+///     .bind(Binding::new(Exchange::topic("users"), "user.#"));
+/// assert_eq!(q.bindings.len(), 2);
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct Binding {
     /// The exchange to bind to (declared with the queue unless `no_declare`).
@@ -328,6 +343,12 @@ impl Binding {
 }
 
 /// The queue implementation RabbitMQ should use (`x-queue-type`).
+///
+/// ```
+/// use kelp::{Queue, QueueType};
+/// let q = Queue::new("orders").durable(true).queue_type(QueueType::Quorum);
+/// assert!(q.queue_arguments.get("x-queue-type").is_some());
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QueueType {
     /// The classic queue.
@@ -769,6 +790,12 @@ impl Queue {
 
 /// Something [`Connection::maybe_declare`](crate::Connection::maybe_declare) and a producer's
 /// `declare` list can declare.
+///
+/// ```
+/// use kelp::{Declarable, Exchange, Queue};
+/// let things: Vec<Declarable> = vec![Exchange::topic("events").into(), Queue::new("audit").into()];
+/// assert!(matches!(things[0], Declarable::Exchange(_)));
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 pub enum Declarable {
     /// An exchange.

@@ -7,6 +7,15 @@ use crate::serialization::SerializationError;
 use crate::transport::virtual_broker::BrokerError;
 
 /// Everything that can go wrong in kelp.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let err = kelp::Connection::open("carrier-pigeon://coop").await.unwrap_err();
+/// assert!(matches!(err, kelp::Error::UnknownTransport { .. }));
+/// println!("{err}");
+/// # }
+/// ```
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -120,6 +129,13 @@ pub enum Error {
 
 impl Error {
     /// The AMQP reply code behind this error, if there is one (404, 406, …).
+    ///
+    /// ```no_run
+    /// # async fn demo(ch: &kelp::Channel) {
+    /// let err = ch.get_queue("no-such-queue", true).await.unwrap_err();
+    /// assert_eq!(err.reply_code(), Some(404));
+    /// # }
+    /// ```
     pub fn reply_code(&self) -> Option<u16> {
         match self {
             Error::Amqp(e) => e.reply_code(),
@@ -130,6 +146,11 @@ impl Error {
     }
 
     /// True for errors that a reconnect may cure (the connection broke, a timeout).
+    ///
+    /// ```
+    /// let e = kelp::Error::Closed { what: "connection" };
+    /// assert!(e.is_connection_error());
+    /// ```
     pub fn is_connection_error(&self) -> bool {
         match self {
             Error::Amqp(e) => !matches!(
@@ -144,6 +165,10 @@ impl Error {
 }
 
 /// `url` with any password replaced by `****`, for messages and logs.
+///
+/// ```
+/// assert_eq!(kelp::error::mask_url("amqp://bob:s3cret@host//"), "amqp://bob:****@host//");
+/// ```
 pub fn mask_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();

@@ -20,6 +20,13 @@ pub(crate) struct Codec {
 }
 
 /// Where and how a message was delivered (Kombu's `delivery_info`).
+///
+/// ```no_run
+/// # fn demo(msg: &kelp::Message) {
+/// let info = msg.delivery_info();
+/// println!("{} via {} (redelivered: {})", info.routing_key, info.exchange, info.redelivered);
+/// # }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeliveryInfo<'a> {
     /// The exchange it was published to.
@@ -35,6 +42,15 @@ pub struct DeliveryInfo<'a> {
 }
 
 /// What has been done with a message.
+///
+/// ```no_run
+/// # async fn demo(mut msg: kelp::Message) -> Result<(), kelp::Error> {
+/// assert_eq!(msg.state(), kelp::MessageState::Received);
+/// msg.ack().await?;
+/// assert_eq!(msg.state(), kelp::MessageState::Acked);
+/// assert!(msg.ack().await.is_err()); // acting twice is a MessageStateError
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MessageState {
     /// Received, not yet acknowledged or rejected.
@@ -460,6 +476,10 @@ impl Message {
 }
 
 /// How [`Message::process`] settles a message.
+///
+/// ```
+/// let opts = kelp::message::ProcessOptions::default().requeue(true).reject_on_redelivered(true);
+/// ```
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ProcessOptions {
     /// Requeue on error (default false: reject).

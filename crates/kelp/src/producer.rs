@@ -14,6 +14,12 @@ use crate::retry::RetryPolicy;
 use crate::transport::{PublishOutcome, RawReturn};
 
 /// A body ready to publish: raw bytes, text, or an already-encoded payload.
+///
+/// ```
+/// use kelp::Body;
+/// assert!(matches!(Body::from("hi"), Body::Text(_)));
+/// assert!(matches!(Body::from(vec![0u8, 1]), Body::Raw(_)));
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 pub enum Body {
     /// Bytes sent as they are (`application/data`, `binary` unless a content type is given).

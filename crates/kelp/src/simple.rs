@@ -42,7 +42,14 @@ use crate::producer::{Producer, PublishOptions};
 
 /// A durable work queue with a `put`/`get` interface (Kombu's `SimpleQueue`).
 ///
-/// See the [module docs](self) for an example.
+/// ```no_run
+/// # async fn demo(conn: &kelp::Connection) -> Result<(), kelp::Error> {
+/// let mut q = kelp::SimpleQueue::new(conn, "jobs").await?;
+/// q.put(&"job 1").await?;
+/// let mut msg = q.get(Some(std::time::Duration::from_secs(1))).await?;
+/// msg.ack().await?;
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 pub struct SimpleQueue {
     channel: Channel,
@@ -71,6 +78,11 @@ pub struct SimpleBuffer {
 }
 
 /// Options for [`SimpleQueue::with_options`]; defaults are Kombu's.
+///
+/// ```
+/// let o = kelp::simple::SimpleOptions::default();
+/// assert_eq!(o.serializer, "json");
+/// ```
 #[derive(Debug, Clone)]
 pub struct SimpleOptions {
     /// Serializer for [`SimpleQueue::put`] (default `json`).
