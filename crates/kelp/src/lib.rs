@@ -32,3 +32,8 @@ pub use message::{DeliveryInfo, Message, MessageState};
 pub use producer::{Body, Producer, PublishOptions};
 pub use retry::RetryPolicy;
 pub use simple::{SimpleBuffer, SimpleQueue};
+
+/// The README's code blocks, compiled as doc tests so they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;
