@@ -326,6 +326,30 @@ impl Connection {
         Ok(true)
     }
 
+    /// [`Connection::maybe_declare`], retrying connection errors with `policy` (Kombu's
+    /// `maybe_declare(entity, retry=True, **retry_policy)`).
+    ///
+    /// ```no_run
+    /// # async fn demo(ch: &kelp::Channel) -> Result<(), kelp::Error> {
+    /// let policy = kelp::RetryPolicy::default().max_retries(Some(3));
+    /// ch.connection().maybe_declare_with_retry(ch, &kelp::Queue::new("tasks"), &policy).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn maybe_declare_with_retry(
+        &self,
+        channel: &Channel,
+        entity: impl Into<crate::Declarable>,
+        policy: &crate::RetryPolicy,
+    ) -> Result<bool, Error> {
+        let entity = entity.into();
+        policy
+            .run(
+                || self.maybe_declare(channel, entity.clone()),
+                |e, wait| tracing::warn!(error = %e, ?wait, "declare failed; retrying"),
+            )
+            .await
+    }
+
     /// Forget what [`Connection::maybe_declare`] remembered (after a reconnect, say).
     ///
     /// ```no_run

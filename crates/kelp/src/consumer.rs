@@ -483,6 +483,18 @@ impl Consumer {
             .register_consumer(Arc::downgrade(&self.core));
     }
 
+    /// Cancel every consumer and let go of the consumer (Kombu's `close`); the channel stays
+    /// open for others.
+    ///
+    /// ```no_run
+    /// # async fn demo(c: kelp::Consumer) -> Result<(), kelp::Error> {
+    /// c.close().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn close(mut self) -> Result<(), Error> {
+        self.cancel().await
+    }
+
     /// The next message from any of the queues; `None` once every consumer ended. A message
     /// whose content type is not accepted goes to the decode-error handler and is skipped. A
     /// broker-side cancel (queue deleted) comes as `Err(Error::ConsumerCancelled)`.

@@ -341,6 +341,14 @@ impl Producer {
         self.channel = channel.clone();
     }
 
+    /// Let go of the producer (Kombu's `close` / `release`). The channel is shared, so it stays
+    /// open; close it with [`Channel::close`] when nothing else uses it.
+    ///
+    /// ```no_run
+    /// # fn demo(p: kelp::Producer) { p.release(); }
+    /// ```
+    pub fn release(self) {}
+
     /// Serialize `value` with the serializer (option, else the producer's) and publish it.
     ///
     /// ```no_run
