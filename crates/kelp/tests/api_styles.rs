@@ -379,3 +379,44 @@ on_every_transport!(
         conn.close().await.unwrap();
     }
 );
+
+on_every_transport!(
+    dropping_the_connection_closes_it,
+    |url: String| async move {
+        let name = unique("exclusive");
+        {
+            let conn = Connection::open(&url).await.unwrap();
+            let ch = conn.channel().await.unwrap();
+            ch.declare_queue(Queue::new(name.clone()).exclusive(true))
+                .await
+                .unwrap();
+            // While it lives, nobody else may use its exclusive queue.
+            let other = Connection::open(&url).await.unwrap();
+            let och = other.channel().await.unwrap();
+            let err = och
+                .declare_queue(Queue::new(name.clone()).exclusive(true))
+                .await
+                .unwrap_err();
+            assert_eq!(err.reply_code(), Some(405), "{err:?}");
+        }
+        // Dropped (no close call): the broker hears a clean close and frees the queue.
+        let conn = Connection::open(&url).await.unwrap();
+        let mut last = None;
+        for _ in 0..100 {
+            let ch = conn.channel().await.unwrap();
+            match ch
+                .declare_queue(Queue::new(name.clone()).exclusive(true))
+                .await
+            {
+                Ok(_) => {
+                    last = None;
+                    break;
+                }
+                Err(e) => last = Some(e),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(last.is_none(), "queue still locked after drop: {last:?}");
+        conn.close().await.unwrap();
+    }
+);
