@@ -407,8 +407,20 @@ impl BoundQueue {
     /// # Ok(()) }
     /// ```
     pub async fn iterator(&self) -> Result<Consumer, Error> {
+        self.iterator_with(false).await
+    }
+
+    /// [`BoundQueue::iterator`], with deliveries acknowledged when sent if `no_ack`.
+    ///
+    /// ```no_run
+    /// # async fn demo(q: &kelp::BoundQueue) -> Result<(), kelp::Error> {
+    /// let mut it = q.iterator_with(true).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn iterator_with(&self, no_ack: bool) -> Result<Consumer, Error> {
         Consumer::builder(&self.channel)
             .queue(self.queue.clone())
+            .no_ack(no_ack)
             .auto_declare(false)
             .build()
             .await

@@ -664,7 +664,9 @@ impl Queue {
             }
         } else {
             let flags = QueueFlags {
-                passive: self.passive,
+                // `amq.*` names are the broker's own (a server-named queue declared before):
+                // RabbitMQ refuses to declare them (403), so only check that it still exists.
+                passive: self.passive || self.name.starts_with("amq."),
                 durable: self.durable,
                 exclusive: self.exclusive,
                 auto_delete: self.auto_delete,

@@ -218,6 +218,32 @@ impl Message {
         Ok(self.payload.get_or_init(|| v))
     }
 
+    /// The `reply_to` property (where an RPC answer goes).
+    ///
+    /// ```no_run
+    /// # fn demo(msg: &kelp::Message) {
+    /// if let Some(queue) = msg.reply_to() { println!("answer to {queue}"); }
+    /// # }
+    /// ```
+    pub fn reply_to(&self) -> Option<&str> {
+        self.d.properties.reply_to.as_ref().map(|s| s.as_str())
+    }
+
+    /// The `correlation_id` property (which request an RPC answer belongs to).
+    ///
+    /// ```no_run
+    /// # fn demo(msg: &kelp::Message) {
+    /// let id = msg.correlation_id().unwrap_or_default();
+    /// # }
+    /// ```
+    pub fn correlation_id(&self) -> Option<&str> {
+        self.d
+            .properties
+            .correlation_id
+            .as_ref()
+            .map(|s| s.as_str())
+    }
+
     /// The content type.
     ///
     /// ```no_run
