@@ -680,6 +680,7 @@ impl VirtualBroker {
                             redelivered: false,
                             expires_at: None,
                             priority: 0,
+                            seq: 0,
                         });
                     }
                 }
@@ -1029,9 +1030,9 @@ impl VirtualBroker {
         Ok(n)
     }
 
-    /// basic.nack: like [`ack`](Self::ack) but the messages are requeued at the head of their
-    /// queues (`requeue`, marked redelivered) or dead-lettered with reason `rejected` (dropped
-    /// when the queue has no dead-letter exchange). Returns how many.
+    /// basic.nack: like [`ack`](Self::ack) but the messages are requeued at their original
+    /// positions in their queues (`requeue`, marked redelivered) or dead-lettered with reason
+    /// `rejected` (dropped when the queue has no dead-letter exchange). Returns how many.
     pub fn nack(
         &mut self,
         session: SessionId,
@@ -1094,7 +1095,13 @@ impl VirtualBroker {
         self.sessions.get(&session).map(Session::unacked_count)
     }
 
-    /// Put settled messages back at the head of their queues, keeping their order; messages of
+    /// The length of `session`'s unacked list, settled entries not yet dropped included (tests).
+    #[cfg(test)]
+    pub(crate) fn tracked_entries(&self, session: SessionId) -> Option<usize> {
+        self.sessions.get(&session).map(Session::tracked_entries)
+    }
+
+    /// Put settled messages back at their original positions in their queues; messages of
     /// deleted queues are dropped. Returns how many were requeued.
     fn requeue(&mut self, settled: &mut Vec<Settled>) -> usize {
         let mut n = 0;

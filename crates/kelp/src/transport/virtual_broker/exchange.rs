@@ -132,6 +132,11 @@ enum Table {
     Headers(Vec<HeadersBinding>),
 }
 
+/// Binding arguments identify a binding regardless of their order (RabbitMQ sorts them).
+fn same_arguments(a: &FieldTable, b: &FieldTable) -> bool {
+    a.len() == b.len() && a.iter().all(|(k, v)| b.get(k) == Some(v))
+}
+
 fn remove_one(v: &mut Vec<Destination>, d: &Destination) -> bool {
     match v.iter().position(|x| x == d) {
         Some(i) => {
@@ -195,7 +200,7 @@ impl Table {
             Table::Headers(v) => {
                 if let Some(i) = v
                     .iter()
-                    .position(|b| b.destination == *d && b.arguments == *arguments)
+                    .position(|b| b.destination == *d && same_arguments(&b.arguments, arguments))
                 {
                     v.swap_remove(i);
                 }
@@ -805,7 +810,7 @@ impl Router {
         if let Some(list) = x.outgoing.get(&dest) {
             if list
                 .iter()
-                .any(|(k, a)| &**k == routing_key && a == arguments)
+                .any(|(k, a)| &**k == routing_key && same_arguments(a, arguments))
             {
                 return Ok(false);
             }
@@ -847,7 +852,7 @@ impl Router {
         };
         let Some(i) = list
             .iter()
-            .position(|(k, a)| &**k == routing_key && a == arguments)
+            .position(|(k, a)| &**k == routing_key && same_arguments(a, arguments))
         else {
             return Ok(false);
         };
@@ -945,6 +950,16 @@ impl Router {
                 Some(next) => x = next,
                 None => break,
             }
+        }
+    }
+
+    /// Trie nodes visited to match `routing_key` on topic exchange `exchange` (tests: routing
+    /// cost must not grow with the number of bindings).
+    #[cfg(test)]
+    pub(crate) fn topic_nodes_visited(&self, exchange: &str, routing_key: &str) -> Option<usize> {
+        match &self.exchanges.get(exchange)?.table {
+            Table::Topic(t) => Some(t.for_each_match_counted(routing_key, &mut |_| {})),
+            _ => None,
         }
     }
 

@@ -53,6 +53,8 @@ pub struct QueuedMessage {
     pub expires_at: Option<u64>,
     /// Its priority level in this queue (0 when the queue has no `x-max-priority`).
     pub priority: u8,
+    /// Its position in the queue's arrival order: a requeue puts it back where it was.
+    pub(crate) seq: u64,
 }
 
 impl QueuedMessage {

@@ -32,8 +32,6 @@
 //! ```
 //!
 //! Differences from RabbitMQ, by design:
-//! - A requeued message goes back to the **head** of its queue (RabbitMQ restores its original
-//!   position); several requeued at once keep their relative order.
 //! - `basic.recover` with `requeue = false` requeues (RabbitMQ does not implement it).
 //! - Sender-selected distribution (`CC`/`BCC` headers) is not implemented.
 //! - A queue's length limits are not applied to requeued messages.

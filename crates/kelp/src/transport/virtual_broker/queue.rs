@@ -196,6 +196,8 @@ pub struct MessageQueue {
     bytes: usize,
     /// Messages with an `expires_at`.
     expiring: usize,
+    /// The `seq` of the next message pushed; each level is sorted by `seq`.
+    next_seq: u64,
 }
 
 impl MessageQueue {
@@ -208,6 +210,7 @@ impl MessageQueue {
             len: 0,
             bytes: 0,
             expiring: 0,
+            next_seq: 0,
         }
     }
 
@@ -285,7 +288,9 @@ impl MessageQueue {
             redelivered: false,
             expires_at: ttl.map(|t| now_ms.saturating_add(t)),
             priority: self.level_of(message.properties.priority),
+            seq: self.next_seq,
         };
+        self.next_seq += 1;
         self.account_in(&qm);
         if let Some(level) = self.levels.get_mut(usize::from(qm.priority)) {
             level.push_back(qm);
@@ -322,12 +327,15 @@ impl MessageQueue {
         }
     }
 
-    /// Put a message back at the head of its priority level (a requeue).
+    /// Put a message taken from this queue back where it was (a requeue): ahead of every
+    /// message that arrived after it, behind those that arrived before it and are still ready
+    /// (as RabbitMQ does). Usually that is the head of its priority level.
     pub fn requeue(&mut self, message: QueuedMessage) {
         let level = usize::from(self.level_of(Some(message.priority)));
         self.account_in(&message);
         if let Some(l) = self.levels.get_mut(level) {
-            l.push_front(message);
+            let at = l.partition_point(|m| m.seq < message.seq);
+            l.insert(at, message);
         }
     }
 

@@ -185,14 +185,25 @@ impl Session {
         });
     }
 
+    /// Drop tombstones: those at the front at once, the others when they outnumber the live
+    /// entries (so one old delivery left unacked does not keep every later settled one).
     fn compact(&mut self) {
         if self.live == 0 {
             self.unacked.clear();
-        } else {
-            while self.unacked.front().is_some_and(|u| u.message.is_none()) {
-                self.unacked.pop_front();
-            }
+            return;
         }
+        while self.unacked.front().is_some_and(|u| u.message.is_none()) {
+            self.unacked.pop_front();
+        }
+        if self.unacked.len() - self.live > self.live + 64 {
+            self.unacked.retain(|u| u.message.is_some());
+        }
+    }
+
+    /// Entries in the unacked list, tombstones included (tests).
+    #[cfg(test)]
+    pub fn tracked_entries(&self) -> usize {
+        self.unacked.len()
     }
 
     /// Settle `tag` (with `multiple`, every unacked tag up to it; tag 0 with `multiple` means

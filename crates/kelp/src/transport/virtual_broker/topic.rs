@@ -165,16 +165,31 @@ impl<T> TopicTrie<T> {
     /// Call `f` for every value whose pattern matches `key`. A value reachable through several
     /// paths (e.g. `#.a.#` against `a.a`) is reported more than once; callers de-duplicate.
     pub fn for_each_match<'a, F: FnMut(&'a T)>(&'a self, key: &str, f: &mut F) {
-        let rest = (!key.is_empty()).then_some(key);
-        Self::walk(&self.root, rest, f);
+        self.for_each_match_counted(key, f);
     }
 
-    fn walk<'a, F: FnMut(&'a T)>(node: &'a Node<T>, rest: Option<&str>, f: &mut F) {
+    /// [`for_each_match`](Self::for_each_match) that also returns how many trie nodes the walk
+    /// visited: a measure of the matching cost, which depends on the key and on the patterns
+    /// that share its words, not on the number of bindings.
+    pub fn for_each_match_counted<'a, F: FnMut(&'a T)>(&'a self, key: &str, f: &mut F) -> usize {
+        let rest = (!key.is_empty()).then_some(key);
+        let mut visited = 0;
+        Self::walk(&self.root, rest, f, &mut visited);
+        visited
+    }
+
+    fn walk<'a, F: FnMut(&'a T)>(
+        node: &'a Node<T>,
+        rest: Option<&str>,
+        f: &mut F,
+        visited: &mut usize,
+    ) {
+        *visited += 1;
         if let Some(h) = node.hash.as_deref() {
             // `#` swallows zero, one, … or all of the remaining words.
             let mut r = rest;
             loop {
-                Self::walk(h, r, f);
+                Self::walk(h, r, f, visited);
                 match r {
                     None => break,
                     Some(s) => r = next_word(s).1,
@@ -186,10 +201,10 @@ impl<T> TopicTrie<T> {
             Some(s) => {
                 let (w, tail) = next_word(s);
                 if let Some(child) = node.words.get(w) {
-                    Self::walk(child, tail, f);
+                    Self::walk(child, tail, f, visited);
                 }
                 if let Some(child) = node.star.as_deref() {
-                    Self::walk(child, tail, f);
+                    Self::walk(child, tail, f, visited);
                 }
             }
         }
