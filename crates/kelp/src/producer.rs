@@ -1,5 +1,6 @@
 //! Publishing (Kombu's `Producer`).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -226,6 +227,8 @@ pub struct Producer {
     compression: Option<String>,
     auto_declare: bool,
     on_return: Option<ReturnCallback>,
+    /// Set once the exchange is declared, so a publish costs no declare-cache lookup.
+    exchange_declared: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Producer {
@@ -254,6 +257,7 @@ impl Producer {
             compression: None,
             auto_declare: true,
             on_return: None,
+            exchange_declared: Arc::new(AtomicBool::new(false)),
         }
     }
     /// The exchange to publish to (declared once per connection before the first publish
@@ -265,6 +269,7 @@ impl Producer {
     pub fn exchange(mut self, exchange: impl Into<Exchange>) -> Self {
         let exchange = exchange.into();
         self.exchange = exchange;
+        self.exchange_declared = Arc::new(AtomicBool::new(false));
         self
     }
     /// The default routing key.
@@ -339,6 +344,7 @@ impl Producer {
     /// ```
     pub fn revive(&mut self, channel: &Channel) {
         self.channel = channel.clone();
+        self.exchange_declared = Arc::new(AtomicBool::new(false));
     }
 
     /// Let go of the producer (Kombu's `close` / `release`). The channel is shared, so it stays
@@ -471,8 +477,13 @@ impl Producer {
         let exchange = options.exchange.as_deref().unwrap_or(&self.exchange.name);
         let routing_key = options.routing_key.as_deref().unwrap_or(&self.routing_key);
         let conn = self.channel.connection();
-        if self.auto_declare && options.exchange.is_none() && !self.exchange.is_default() {
+        if self.auto_declare
+            && options.exchange.is_none()
+            && !self.exchange.is_default()
+            && !self.exchange_declared.load(Ordering::Acquire)
+        {
             conn.maybe_declare(&self.channel, &self.exchange).await?;
+            self.exchange_declared.store(true, Ordering::Release);
         }
         for d in &options.declare {
             conn.maybe_declare(&self.channel, d.clone()).await?;
