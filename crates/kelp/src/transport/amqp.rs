@@ -2,6 +2,7 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -26,6 +27,9 @@ use crate::error::Error;
 #[derive(Debug)]
 pub struct AmqpTransport {
     conn: kelp_amqp::Connection,
+    /// Set by [`Transport::close`], so `is_closed` holds as soon as `close` returns (the
+    /// driver marks the `kelp_amqp` handle closed a moment later).
+    closed_by_us: AtomicBool,
 }
 
 impl AmqpTransport {
@@ -48,7 +52,10 @@ impl AmqpTransport {
                 })??,
             None => fut.await?,
         };
-        Ok(AmqpTransport { conn })
+        Ok(AmqpTransport {
+            conn,
+            closed_by_us: AtomicBool::new(false),
+        })
     }
 
     /// The underlying `kelp-amqp` connection.
@@ -63,10 +70,15 @@ impl Transport for AmqpTransport {
     }
     fn open_channel(&self) -> BoxFuture<'_, Result<Arc<dyn TransportChannel>, Error>> {
         Box::pin(async move {
+            if self.closed_by_us.load(Ordering::Acquire) {
+                return Err(Error::Closed { what: "connection" });
+            }
             let ch = self.conn.channel().await?;
             let returns = ch.returns();
             let ch: Arc<dyn TransportChannel> = Arc::new(AmqpChannel {
                 ch,
+                closed_by_us: AtomicBool::new(false),
+                mandatory: tokio::sync::Mutex::new(()),
                 returns: Arc::new(ReturnRouter {
                     state: Mutex::new(RouterState {
                         rx: returns,
@@ -83,10 +95,13 @@ impl Transport for AmqpTransport {
         })
     }
     fn close(&self) -> BoxFuture<'_, Result<(), Error>> {
-        Box::pin(async move { Ok(self.conn.close().await?) })
+        Box::pin(async move {
+            self.closed_by_us.store(true, Ordering::Release);
+            Ok(self.conn.close().await?)
+        })
     }
     fn is_closed(&self) -> bool {
-        self.conn.is_closed()
+        self.closed_by_us.load(Ordering::Acquire) || self.conn.is_closed()
     }
     fn heartbeat(&self) -> Option<Duration> {
         let hb = self.conn.tuning().heartbeat;
@@ -98,6 +113,15 @@ impl Transport for AmqpTransport {
 #[derive(Debug)]
 pub struct AmqpChannel {
     ch: kelp_amqp::Channel,
+    /// Set by [`TransportChannel::close`]: the fire-and-forget methods (ack, nack, reject,
+    /// publish) must fail once we closed the channel, even before the driver has marked the
+    /// `kelp_amqp` handle closed (it does so only after `close()` has returned).
+    closed_by_us: AtomicBool,
+    /// Held across a mandatory publish under confirms, from publish to confirm. A
+    /// `basic.return` names only the exchange, routing key and properties, so two such
+    /// publishes in flight with the same ones (one routed, one not — by headers, say) could
+    /// not be told apart; one at a time they always can.
+    mandatory: tokio::sync::Mutex<()>,
     returns: Arc<ReturnRouter>,
 }
 
@@ -203,6 +227,23 @@ impl ReturnRouter {
     }
 }
 
+/// A publish's wait for its return; forgets itself if the publish is abandoned (cancelled or
+/// timed out), so no later return is routed to it.
+struct Slot<'a> {
+    router: &'a ReturnRouter,
+    id: u64,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut s) = self.router.state.lock() {
+            if let Some(i) = s.waiting.iter().position(|w| w.id == self.id) {
+                s.waiting.swap_remove(i);
+            }
+        }
+    }
+}
+
 /// The user's stream of returned messages for one channel.
 #[derive(Debug)]
 pub struct AmqpReturns {
@@ -266,6 +307,31 @@ fn kind(name: &str) -> ExchangeKind {
         "topic" => ExchangeKind::Topic,
         "headers" => ExchangeKind::Headers,
         other => ExchangeKind::Custom(other.to_owned()),
+    }
+}
+
+impl Drop for AmqpChannel {
+    /// The last handle is gone, so nobody can settle its deliveries: close the channel so the
+    /// broker requeues them (and frees the channel number) now, not at connection close.
+    fn drop(&mut self) {
+        if self.closed_by_us.load(Ordering::Acquire) || self.ch.is_closed() {
+            return;
+        }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let ch = self.ch.clone();
+            rt.spawn(async move {
+                let _ = ch.close().await;
+            });
+        }
+    }
+}
+
+impl AmqpChannel {
+    fn check_open(&self) -> Result<(), Error> {
+        if self.closed_by_us.load(Ordering::Acquire) {
+            return Err(Error::Closed { what: "channel" });
+        }
+        Ok(())
     }
 }
 
@@ -409,14 +475,23 @@ impl TransportChannel for AmqpChannel {
         body: Bytes,
     ) -> BoxFuture<'a, Result<PublishOutcome, Error>> {
         Box::pin(async move {
+            self.check_open()?;
             let opts = PublishOptions {
                 mandatory,
                 immediate: false,
             };
             let watch = mandatory && self.ch.is_confirm_mode();
-            let id = if watch {
+            let one_at_a_time = if watch {
+                Some(self.mandatory.lock().await)
+            } else {
+                None
+            };
+            let slot = if watch {
                 let mid = properties.message_id.as_ref().map(|m| m.as_str());
-                Some(self.returns.register(exchange, routing_key, mid))
+                Some(Slot {
+                    router: &self.returns,
+                    id: self.returns.register(exchange, routing_key, mid),
+                })
             } else {
                 None
             };
@@ -428,7 +503,9 @@ impl TransportChannel for AmqpChannel {
                 Ok(c) => c.await,
                 Err(e) => Err(e),
             };
-            let returned = id.and_then(|id| self.returns.finish(id));
+            let returned = slot.as_ref().and_then(|s| self.returns.finish(s.id));
+            drop(slot);
+            drop(one_at_a_time);
             match confirm? {
                 Confirmation::Ack => match returned {
                     Some(r) => Err(Error::Returned {
@@ -481,7 +558,10 @@ impl TransportChannel for AmqpChannel {
         Box::pin(async move { Ok(self.ch.basic_cancel(consumer_tag).await?) })
     }
     fn ack(&self, delivery_tag: u64, multiple: bool) -> BoxFuture<'_, Result<(), Error>> {
-        Box::pin(async move { Ok(self.ch.basic_ack(delivery_tag, multiple).await?) })
+        Box::pin(async move {
+            self.check_open()?;
+            Ok(self.ch.basic_ack(delivery_tag, multiple).await?)
+        })
     }
     fn nack(
         &self,
@@ -489,10 +569,16 @@ impl TransportChannel for AmqpChannel {
         multiple: bool,
         requeue: bool,
     ) -> BoxFuture<'_, Result<(), Error>> {
-        Box::pin(async move { Ok(self.ch.basic_nack(delivery_tag, multiple, requeue).await?) })
+        Box::pin(async move {
+            self.check_open()?;
+            Ok(self.ch.basic_nack(delivery_tag, multiple, requeue).await?)
+        })
     }
     fn reject(&self, delivery_tag: u64, requeue: bool) -> BoxFuture<'_, Result<(), Error>> {
-        Box::pin(async move { Ok(self.ch.basic_reject(delivery_tag, requeue).await?) })
+        Box::pin(async move {
+            self.check_open()?;
+            Ok(self.ch.basic_reject(delivery_tag, requeue).await?)
+        })
     }
     fn recover(&self, requeue: bool) -> BoxFuture<'_, Result<(), Error>> {
         Box::pin(async move { Ok(self.ch.basic_recover(requeue).await?) })
@@ -548,10 +634,13 @@ impl TransportChannel for AmqpChannel {
         Some(rx)
     }
     fn close(&self) -> BoxFuture<'_, Result<(), Error>> {
-        Box::pin(async move { Ok(self.ch.close().await?) })
+        Box::pin(async move {
+            self.closed_by_us.store(true, Ordering::Release);
+            Ok(self.ch.close().await?)
+        })
     }
     fn is_closed(&self) -> bool {
-        self.ch.is_closed()
+        self.closed_by_us.load(Ordering::Acquire) || self.ch.is_closed()
     }
     fn transport(&self) -> &'static str {
         "amqp"

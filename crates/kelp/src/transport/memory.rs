@@ -225,27 +225,61 @@ pub struct MemoryChannel {
 }
 
 impl MemoryChannel {
+    /// Run `f` on the broker, first expiring what is due: RabbitMQ expires (and dead-letters)
+    /// messages on its own clock, so anything a caller can observe — a `get`, a declare's
+    /// message count, a purge — must not still see them.
     fn run<T>(
+        &self,
+        f: impl FnOnce(&mut State, &mut Vec<Waker>) -> Result<T, BrokerError>,
+    ) -> Result<T, Error> {
+        self.run_unswept(|s, w| {
+            let now = now_ms();
+            if s.broker.next_expiry().is_some_and(|t| t <= now) {
+                s.broker.expire(now);
+            }
+            f(s, w)
+        })
+    }
+
+    /// Run `f` on the broker without the expiry sweep (the per-message hot paths: publish,
+    /// ack, reject; nothing there observes an expired message).
+    fn run_unswept<T>(
         &self,
         f: impl FnOnce(&mut State, &mut Vec<Waker>) -> Result<T, BrokerError>,
     ) -> Result<T, Error> {
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::Closed { what: "channel" });
         }
-        Ok(with_state(&self.shared, f)??)
+        match with_state(&self.shared, f)? {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                // As in AMQP, a refused method closes its channel (RabbitMQ's channel
+                // exception): unacked messages go back, consumers end, later calls fail.
+                let _ = self.close_session();
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Close the broker session once; later calls are no-ops.
+    fn close_session(&self) -> Result<(), Error> {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let session = self.session;
+        with_state(&self.shared, |s, w| {
+            s.wake_session(session, w);
+            s.returns.remove(&session);
+            s.broker.close_session(session, now_ms())
+        })?
+        .map(drop)
+        .map_err(Error::from)
     }
 }
 
 impl Drop for MemoryChannel {
     fn drop(&mut self) {
-        if !self.closed.swap(true, Ordering::AcqRel) {
-            let session = self.session;
-            let _ = with_state(&self.shared, |s, w| {
-                s.wake_session(session, w);
-                s.returns.remove(&session);
-                s.broker.close_session(session, now_ms())
-            });
-        }
+        let _ = self.close_session();
     }
 }
 
@@ -379,7 +413,7 @@ impl TransportChannel for MemoryChannel {
         let session = self.session;
         let msg = MessageData::new(exchange, routing_key, properties, body);
         let returned_copy = mandatory.then(|| msg.clone());
-        let r = self.run(|s, wake| {
+        let r = self.run_unswept(|s, wake| {
             let out = s.broker.publish(msg, mandatory, now_ms())?;
             for q in out.queues.iter() {
                 if !s.waiters.is_empty() {
@@ -481,7 +515,7 @@ impl TransportChannel for MemoryChannel {
     }
     fn ack(&self, delivery_tag: u64, multiple: bool) -> BoxFuture<'_, Result<(), Error>> {
         let session = self.session;
-        ready(self.run(|s, w| {
+        ready(self.run_unswept(|s, w| {
             s.wake_session(session, w);
             s.broker.ack(session, delivery_tag, multiple).map(drop)
         }))
@@ -493,7 +527,7 @@ impl TransportChannel for MemoryChannel {
         requeue: bool,
     ) -> BoxFuture<'_, Result<(), Error>> {
         let session = self.session;
-        ready(self.run(|s, w| {
+        ready(self.run_unswept(|s, w| {
             s.wake_session(session, w);
             s.broker
                 .nack(session, delivery_tag, multiple, requeue, now_ms())
@@ -502,7 +536,7 @@ impl TransportChannel for MemoryChannel {
     }
     fn reject(&self, delivery_tag: u64, requeue: bool) -> BoxFuture<'_, Result<(), Error>> {
         let session = self.session;
-        ready(self.run(|s, w| {
+        ready(self.run_unswept(|s, w| {
             s.wake_session(session, w);
             s.broker.reject(session, delivery_tag, requeue, now_ms())
         }))
@@ -550,31 +584,18 @@ impl TransportChannel for MemoryChannel {
             return Some(rx);
         }
         let (tx, rx) = mpsc::unbounded_channel();
-        let fresh = with_state(&self.shared, |s, _| {
-            match s.returns.entry(session) {
-                std::collections::hash_map::Entry::Occupied(_) => false,
-                std::collections::hash_map::Entry::Vacant(v) => {
-                    v.insert(tx);
-                    true
-                }
+        let fresh = with_state(&self.shared, |s, _| match s.returns.entry(session) {
+            std::collections::hash_map::Entry::Occupied(_) => false,
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(tx);
+                true
             }
         })
         .ok()?;
         fresh.then_some(rx)
     }
     fn close(&self) -> BoxFuture<'_, Result<(), Error>> {
-        let session = self.session;
-        if self.closed.swap(true, Ordering::AcqRel) {
-            return ready(Ok(()));
-        }
-        ready(
-            with_state(&self.shared, |s, w| {
-                s.wake_session(session, w);
-                s.returns.remove(&session);
-                s.broker.close_session(session, now_ms())
-            })
-            .and_then(|r| r.map(drop).map_err(Error::from)),
-        )
+        ready(self.close_session())
     }
     fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
@@ -635,7 +656,7 @@ impl Stream for MemoryConsumer {
         let (session, id, queue) = (this.session, this.id, this.queue.clone());
         let tag = this.tag.clone();
         let scratch = &mut this.scratch;
-        let step = with_state(&this.shared, |s, _| {
+        let step = with_state(&this.shared, |s, wake| {
             if let Some(q) = s.cancelled.remove(&(session, tag.clone())) {
                 s.waiters.remove(&id);
                 return if q.is_empty() {
@@ -649,12 +670,24 @@ impl Stream for MemoryConsumer {
                 s.broker.expire(now);
             }
             scratch.clear();
+            // A queue shared by several consumers is dealt out one message at a time, so
+            // they take turns as RabbitMQ's round-robin has them; a lone consumer takes a
+            // batch per lock.
+            let shared = s
+                .broker
+                .queue_info(&queue)
+                .is_some_and(|q| q.consumer_count > 1);
+            let max = if shared { 1 } else { BATCH };
             match s
                 .broker
-                .drain_for_consumer(session, &tag, BATCH, now, scratch)
+                .drain_for_consumer(session, &tag, max, now, scratch)
             {
                 Ok(n) if n > 0 => {
                     s.waiters.remove(&id);
+                    if shared {
+                        // Let the idle ones have the next.
+                        s.wake_queue(&queue, wake);
+                    }
                     Step::Got
                 }
                 Ok(_) => {
