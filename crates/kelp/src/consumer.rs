@@ -159,7 +159,9 @@ impl ConsumerBuilder {
         self
     }
     /// Accept only these content types or serializer names; other messages go to the
-    /// decode-error handler without being decoded.
+    /// decode-error handler without being decoded. Without it, Kombu's default applies:
+    /// everything except pickle, yaml and msgpack (use
+    /// `.accept(["json", "pickle", …])` to trust more).
     ///
     /// ```no_run
     /// # fn demo(ch: &kelp::Channel) { let b = kelp::Consumer::builder(ch).accept(["json", "application/x-msgpack"]); }
@@ -677,7 +679,7 @@ impl Core {
     fn accepted(&self, m: &Message) -> Result<(), Error> {
         match &self.accept {
             Some(a) => Ok(a.check(m.content_type())?),
-            None => Ok(()),
+            None => Ok(crate::message::default_accept().check(m.content_type())?),
         }
     }
 

@@ -11,6 +11,13 @@ use crate::error::Error;
 use crate::serialization::{Accept, Registry, Value};
 use crate::transport::{RawDelivery, TransportChannel};
 
+/// Kombu's default whitelist (everything but pickle, yaml and msgpack), used when no
+/// `accept` was given.
+pub(crate) fn default_accept() -> &'static Accept {
+    static DEFAULT: std::sync::OnceLock<Accept> = std::sync::OnceLock::new();
+    DEFAULT.get_or_init(Accept::default)
+}
+
 /// How bodies are encoded and decoded on a connection.
 #[derive(Debug, Clone)]
 pub(crate) struct Codec {
@@ -175,8 +182,9 @@ impl Message {
     }
 
     fn check_accept(&self) -> Result<(), Error> {
-        if let Some(a) = &self.accept {
-            a.check(self.content_type())?;
+        match &self.accept {
+            Some(a) => a.check(self.content_type())?,
+            None => default_accept().check(self.content_type())?,
         }
         Ok(())
     }

@@ -18,6 +18,7 @@ conformance_tests! {
     raw_round_trips_with_every_compression,
     text_round_trips_with_every_compression,
     accept_whitelist_refuses_other_content_types,
+    default_accept_refuses_pickle_yaml_msgpack,
     accept_whitelist_default_rejects_to_dead_letter,
     accept_list_by_content_type_and_name,
     undecodable_body_goes_to_on_decode_error,
@@ -89,7 +90,17 @@ async fn round_trip_serializer(t: &Target, serializer: &str, content_type: &str,
             .await
             .unwrap();
     }
-    let mut c = consumer(&ch, &q).await;
+    // Kombu's default refuses pickle, yaml and msgpack: trust this serializer explicitly.
+    let mut c = within(
+        "start a consumer",
+        kelp::Consumer::builder(&ch)
+            .queue(q.clone())
+            .auto_declare(false)
+            .accept([serializer])
+            .build(),
+    )
+    .await
+    .unwrap();
     for (i, comp) in COMPRESSIONS.iter().enumerate() {
         let mut m = recv(&mut c).await;
         assert_eq!(m.content_type(), Some(content_type));
@@ -532,4 +543,41 @@ async fn unknown_compression_header_is_a_typed_error(t: &Target) {
         ),
         "{err:?}"
     );
+}
+
+/// Without `accept`, a consumer trusts what Kombu trusts by default: pickle, yaml and msgpack
+/// are refused (to on_decode_error, never decoded), json and text go through.
+async fn default_accept_refuses_pickle_yaml_msgpack(t: &Target) {
+    let (_conn, ch) = t.open().await;
+    let q = declare(&ch, t.queue("default-accept")).await;
+    let p = Producer::new(&ch).routing_key(q.name.as_str());
+    for serializer in ["pickle", "yaml", "msgpack", "json"] {
+        within(
+            "publish",
+            p.publish_serde(&order(1), PublishOptions::default().serializer(serializer)),
+        )
+        .await
+        .unwrap();
+    }
+    let seen: Seen = Arc::default();
+    let mut c = within("consumer", recording_consumer(&ch, &q, &seen).build())
+        .await
+        .unwrap();
+    let mut m = recv(&mut c).await;
+    assert_eq!(m.content_type(), Some("application/json"));
+    assert_eq!(m.decode::<Order>().unwrap(), order(1));
+    within("ack", m.ack()).await.unwrap();
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    for (_, err, state) in &seen {
+        assert!(
+            matches!(
+                err,
+                Error::Serialization(SerializationError::ContentDisallowed { .. })
+            ),
+            "{err:?}"
+        );
+        assert_eq!(*state, MessageState::Received);
+    }
+    recv_nothing(&mut c).await;
 }
