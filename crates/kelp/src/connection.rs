@@ -39,6 +39,9 @@ pub struct ConnectOptions {
     pub connection_name: Option<String>,
     /// Extra client properties sent to the broker.
     pub client_properties: Option<FieldTable>,
+    /// The heartbeat to ask for (AMQP; a `?heartbeat=` in the URL wins). `None`: the
+    /// broker's proposal.
+    pub heartbeat: Option<Duration>,
 }
 
 impl Default for ConnectOptions {
@@ -47,6 +50,7 @@ impl Default for ConnectOptions {
             connect_timeout: Some(Duration::from_secs(30)),
             connection_name: None,
             client_properties: None,
+            heartbeat: None,
         }
     }
 }
@@ -101,6 +105,16 @@ impl ConnectionBuilder {
     /// ```
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.options.connect_timeout = Some(timeout);
+        self
+    }
+    /// The heartbeat interval to ask the broker for (a dead peer is detected after two
+    /// missed). A `?heartbeat=` in the URL takes precedence.
+    ///
+    /// ```
+    /// let b = kelp::Connection::builder().heartbeat(std::time::Duration::from_secs(10));
+    /// ```
+    pub fn heartbeat(mut self, interval: Duration) -> Self {
+        self.options.heartbeat = Some(interval);
         self
     }
     /// The connection's name in the broker's UI.
@@ -465,6 +479,42 @@ impl Connection {
             },
             None => Ok(false),
         }
+    }
+
+    /// Wait until the connection closes — by [`Connection::close`], by the broker, or by a
+    /// lost network — and return why.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), kelp::Error> {
+    /// let conn = kelp::Connection::open("memory://closed-doc").await?;
+    /// let watcher = conn.clone();
+    /// let waiting = tokio::spawn(async move { watcher.closed().await });
+    /// conn.close().await?;
+    /// let why = waiting.await.map_err(|_| kelp::Error::Closed { what: "task" })?;
+    /// assert!(matches!(why, kelp::Error::Closed { .. }));
+    /// # Ok(()) }
+    /// ```
+    pub async fn closed(&self) -> Error {
+        self.inner.transport.close_signal().await
+    }
+
+    /// Call `callback` with the reason once the connection closes, for any reason (aio-pika's
+    /// `close_callbacks`). The callback does not keep the connection open.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), kelp::Error> {
+    /// let conn = kelp::Connection::open("memory://on-close-doc").await?;
+    /// let (tx, rx) = tokio::sync::oneshot::channel();
+    /// conn.on_close(move |why| { let _ = tx.send(why.to_string()); });
+    /// conn.close().await?;
+    /// assert!(rx.await.is_ok());
+    /// # Ok(()) }
+    /// ```
+    pub fn on_close(&self, callback: impl FnOnce(Error) + Send + 'static) {
+        let signal = self.inner.transport.close_signal();
+        tokio::spawn(async move { callback(signal.await) });
     }
 
     /// Close the connection. Idempotent.

@@ -420,3 +420,95 @@ on_every_transport!(
         conn.close().await.unwrap();
     }
 );
+
+on_every_transport!(
+    on_close_fires_on_close_and_on_drop,
+    |url: String| async move {
+        // Explicit close.
+        let conn = Connection::open(&url).await.unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        conn.on_close(move |why| {
+            let _ = tx.send(why);
+        });
+        let watcher = conn.clone();
+        let waiting = tokio::spawn(async move { watcher.closed().await });
+        conn.close().await.unwrap();
+        rx.await.unwrap();
+        waiting.await.unwrap();
+        // Dropping every handle: the callback does not keep the connection alive, and hears it.
+        let conn = Connection::open(&url).await.unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        conn.on_close(move |why| {
+            let _ = tx.send(why);
+        });
+        drop(conn);
+        tokio::time::timeout(Duration::from_secs(5), rx)
+            .await
+            .expect("on_close did not fire after the last handle was dropped")
+            .unwrap();
+    }
+);
+
+#[tokio::test]
+async fn amqp_heartbeat_option_and_broker_close_reach_the_user() {
+    let Some(url) = url(
+        "amqp",
+        "amqp_heartbeat_option_and_broker_close_reach_the_user",
+    ) else {
+        return;
+    };
+    let name = unique("named");
+    let conn = Connection::builder()
+        .url(url)
+        .heartbeat(Duration::from_secs(7))
+        .connection_name(name.clone())
+        .connect()
+        .await
+        .unwrap();
+    assert_eq!(conn.transport().heartbeat(), Some(Duration::from_secs(7)));
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    conn.on_close(move |why| {
+        let _ = tx.send(why);
+    });
+    // Find our connection by its name (client_properties) and have the broker close it.
+    let closed = tokio::task::spawn_blocking(move || {
+        for _ in 0..50 {
+            let out = std::process::Command::new("rabbitmqctl")
+                .args([
+                    "-q",
+                    "list_connections",
+                    "--no-table-headers",
+                    "pid",
+                    "client_properties",
+                ])
+                .output()
+                .ok()?;
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            if let Some(line) = text.lines().find(|l| l.contains(&name)) {
+                let pid = line.split_whitespace().next()?.to_owned();
+                let ok = std::process::Command::new("rabbitmqctl")
+                    .args(["-q", "close_connection", &pid, "kelp on_close test"])
+                    .status()
+                    .ok()?
+                    .success();
+                return Some(ok);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        None
+    })
+    .await
+    .unwrap();
+    if closed.is_none() && std::env::var("KELP_REQUIRE_BROKERS").as_deref() != Ok("1") {
+        eprintln!("SKIP broker close part: rabbitmqctl not usable here");
+        return;
+    }
+    assert_eq!(closed, Some(true), "rabbitmqctl close_connection failed");
+    let why = tokio::time::timeout(Duration::from_secs(10), rx)
+        .await
+        .expect("on_close did not fire after the broker closed the connection")
+        .unwrap();
+    assert_eq!(why.reply_code(), Some(320), "{why:?}");
+    assert!(why.to_string().contains("kelp on_close test"), "{why}");
+    assert!(conn.is_closed());
+}

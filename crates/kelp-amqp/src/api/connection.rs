@@ -213,6 +213,21 @@ impl Connection {
         self.close_error().unwrap_or(Error::DriverGone)
     }
 
+    /// A handle that waits for the close without keeping the connection alive (unlike a
+    /// clone of the connection, which keeps it open until dropped). For close callbacks.
+    ///
+    /// ```no_run
+    /// # fn demo(conn: &kelp_amqp::Connection) {
+    /// let closing = conn.close_signal();
+    /// tokio::spawn(async move { eprintln!("closed: {}", closing.wait().await) });
+    /// # }
+    /// ```
+    pub fn close_signal(&self) -> CloseSignal {
+        CloseSignal {
+            shared: self.shared.clone(),
+        }
+    }
+
     /// Why the connection closed, if it did.
     pub fn close_error(&self) -> Option<Error> {
         self.shared.closed().cloned()
@@ -252,6 +267,22 @@ impl Connection {
     }
 
     fn gone(&self) -> Error {
+        self.shared.closed().cloned().unwrap_or(Error::DriverGone)
+    }
+}
+
+/// Waits for a connection to close without keeping it open; see [`Connection::close_signal`].
+#[derive(Debug, Clone)]
+pub struct CloseSignal {
+    shared: Arc<ConnShared>,
+}
+
+impl CloseSignal {
+    /// Wait until the connection closes and return why.
+    pub async fn wait(&self) -> Error {
+        let mut watch = self.shared.closed_watch();
+        // The sender lives in the shared state this handle holds, so it cannot vanish.
+        let _ = watch.wait_for(|closed| *closed).await;
         self.shared.closed().cloned().unwrap_or(Error::DriverGone)
     }
 }

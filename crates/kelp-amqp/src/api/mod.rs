@@ -8,6 +8,6 @@ pub mod options;
 pub(crate) mod shared;
 
 pub use channel::{Channel, PublishConfirm};
-pub use connection::{Connection, ConnectionBuilder};
+pub use connection::{CloseSignal, Connection, ConnectionBuilder};
 pub use consumer::{Consumer, Returns};
 pub use shared::Tuning;

@@ -35,7 +35,15 @@ pub struct AmqpTransport {
 impl AmqpTransport {
     /// Connect to `url` (the RabbitMQ URI spec, or Kombu's `amqp://host//` form).
     pub async fn connect(url: &str, options: &ConnectOptions) -> Result<Self, Error> {
-        let mut b = kelp_amqp::ConnectionBuilder::new(url)?;
+        let mut parsed = kelp_amqp::AmqpUrl::parse(url)
+            .map_err(|e| kelp_amqp::Error::Url(std::sync::Arc::new(e)))?;
+        if let Some(hb) = options.heartbeat {
+            // An explicit `?heartbeat=` in the URL wins over the builder's default.
+            if parsed.heartbeat.is_none() {
+                parsed.heartbeat = Some(u16::try_from(hb.as_secs()).unwrap_or(u16::MAX));
+            }
+        }
+        let mut b = kelp_amqp::ConnectionBuilder::from_url(parsed);
         if let Some(name) = &options.connection_name {
             b = b.connection_name(name.clone());
         }
@@ -102,6 +110,10 @@ impl Transport for AmqpTransport {
     }
     fn is_closed(&self) -> bool {
         self.closed_by_us.load(Ordering::Acquire) || self.conn.is_closed()
+    }
+    fn close_signal(&self) -> BoxFuture<'static, Error> {
+        let signal = self.conn.close_signal();
+        Box::pin(async move { Error::Amqp(signal.wait().await) })
     }
     fn heartbeat(&self) -> Option<Duration> {
         let hb = self.conn.tuning().heartbeat;

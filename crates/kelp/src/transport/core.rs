@@ -125,6 +125,9 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
     fn close(&self) -> BoxFuture<'_, Result<(), Error>>;
     /// True once closed, by us or by the peer.
     fn is_closed(&self) -> bool;
+    /// A future that resolves when the connection closes (by us, by the peer, or because
+    /// every handle was dropped) with the reason. It must not keep the connection alive.
+    fn close_signal(&self) -> BoxFuture<'static, Error>;
     /// The heartbeat the connection runs with, if any.
     fn heartbeat(&self) -> Option<Duration> {
         None

@@ -136,6 +136,8 @@ pub struct MemoryTransport {
     shared: Arc<Shared>,
     owner: OwnerId,
     closed: AtomicBool,
+    /// Flips to true on close, for [`Transport::closed`] waiters.
+    closed_watch: tokio::sync::watch::Sender<bool>,
 }
 
 impl MemoryTransport {
@@ -164,6 +166,7 @@ impl MemoryTransport {
             shared,
             owner,
             closed: AtomicBool::new(false),
+            closed_watch: tokio::sync::watch::channel(false).0,
         })
     }
 }
@@ -203,6 +206,7 @@ impl Transport for MemoryTransport {
         Box::pin(async move {
             if !self.closed.swap(true, Ordering::AcqRel) {
                 let owner = self.owner;
+                self.closed_watch.send_replace(true);
                 with_state(&self.shared, |s, _| s.broker.close_owner(owner, now_ms()))?;
             }
             Ok(())
@@ -210,6 +214,14 @@ impl Transport for MemoryTransport {
     }
     fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
+    }
+    fn close_signal(&self) -> BoxFuture<'static, Error> {
+        let mut watch = self.closed_watch.subscribe();
+        Box::pin(async move {
+            // A dropped transport drops the sender: closed as well.
+            let _ = watch.wait_for(|closed| *closed).await;
+            Error::Closed { what: "connection" }
+        })
     }
 }
 
