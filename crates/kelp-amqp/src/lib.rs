@@ -33,7 +33,9 @@ pub mod error;
 pub mod url;
 
 pub use api::options;
-pub use api::{Channel, CloseSignal, Connection, ConnectionBuilder, Consumer, PublishConfirm, Returns, Tuning};
+pub use api::{
+    Channel, CloseSignal, Connection, ConnectionBuilder, Consumer, PublishConfirm, Returns, Tuning,
+};
 pub use codec::{BasicProperties, FieldTable, FieldValue, ShortString};
 pub use engine::{Confirmation, Delivery, GetMessage, ReturnedMessage};
 pub use error::{CloseReason, Error, ProtocolError};

@@ -90,7 +90,10 @@ fuzz_target!(|data: &[u8]| {
         match decode_frame(&mut buf, FRAME_MAX) {
             Ok(Some(_)) => assert!(buf.len() < before, "decoder made no progress"),
             Ok(None) => {
-                assert!(buf.len() < FRAME_MAX as usize, "waiting on a whole frame_max of input");
+                assert!(
+                    buf.len() < FRAME_MAX as usize,
+                    "waiting on a whole frame_max of input"
+                );
                 break;
             }
             Err(_) => break,
