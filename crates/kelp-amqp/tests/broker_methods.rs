@@ -1464,24 +1464,38 @@ async fn mandatory_unroutable_publish_is_returned() {
         "a non-mandatory publish was returned"
     );
 
-    // In confirm mode the return comes before the ack.
+    // In confirm mode the return resolves its publish's confirm, and only that.
     ch.confirm_select().await.unwrap();
+    let mandatory = PublishOptions {
+        mandatory: true,
+        ..Default::default()
+    };
     let c = ch
-        .basic_publish(
-            "",
-            &key,
-            PublishOptions {
-                mandatory: true,
-                ..Default::default()
-            },
-            BasicProperties::default(),
-            "again",
-        )
+        .basic_publish("", &key, mandatory, BasicProperties::default(), "again")
         .await
         .unwrap();
-    assert_eq!(c.await.unwrap(), Confirmation::Ack);
-    let r = returns.try_recv_now().expect("return before the ack");
-    assert_eq!(&r.body[..], b"again");
+    match c.await.unwrap() {
+        Confirmation::Returned(r) => {
+            assert_eq!(&r.body[..], b"again");
+            assert_eq!(r.reply_code, reply_code::NO_ROUTE);
+            assert_eq!(r.routing_key.as_str(), key);
+        }
+        other => panic!("expected Returned, got {other:?}"),
+    }
+    assert!(
+        returns.try_recv_now().is_none(),
+        "claimed return also streamed"
+    );
+    // A publish whose confirm nobody awaits: its return goes to the stream.
+    drop(
+        ch.basic_publish("", &key, mandatory, BasicProperties::default(), "dropped")
+            .await
+            .unwrap(),
+    );
+    let r = common::within("basic.return", LIMIT, returns.recv())
+        .await
+        .expect("returns stream ended");
+    assert_eq!(&r.body[..], b"dropped");
     conn.close().await.unwrap();
 }
 

@@ -2,7 +2,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -20,7 +20,13 @@ use crate::error::Error;
 /// A channel: a lightweight session inside a [`Connection`](crate::Connection). Cheap to clone.
 ///
 /// Once the broker closes it (e.g. `404 NOT_FOUND` after a passive declare of a missing queue),
-/// every further call fails at once with that same [`Error::ChannelClosed`].
+/// every further call fails at once with that same [`Error::ChannelClosed`]; once this client
+/// closes it ([`Channel::close`]), with [`Error::ChannelClosedByClient`].
+///
+/// Dropping the last clone closes the channel (`channel.close`, without waiting), so the broker
+/// requeues the deliveries it holds unacknowledged at once rather than when the connection
+/// closes. A [`Consumer`] counts as a clone: the channel stays open while one is alive. A
+/// pending [`PublishConfirm`] does not: it fails if its channel is dropped first.
 ///
 /// ```no_run
 /// # async fn demo(conn: kelp_amqp::Connection) -> Result<(), kelp_amqp::Error> {
@@ -33,17 +39,48 @@ use crate::error::Error;
 /// ```
 #[derive(Clone)]
 pub struct Channel {
+    h: Arc<Handle>,
+}
+
+/// What the clones of a [`Channel`] share; the last one to go closes the channel.
+struct Handle {
     id: u16,
     tx: mpsc::Sender<Command>,
     shared: Arc<ChannelShared>,
     conn: Arc<ConnShared>,
 }
 
+impl Drop for Handle {
+    fn drop(&mut self) {
+        if self.shared.closed().is_some()
+            || self.conn.closed().is_some()
+            || self.conn.is_closing()
+            || self.shared.begin_close()
+        {
+            return;
+        }
+        let cmd = Command::CloseChannel { channel: self.id };
+        match self.tx.try_send(cmd) {
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(mpsc::error::TrySendError::Full(cmd)) => {
+                // The command queue is full (a burst of publishes): queue it from a task.
+                // Without a runtime it is lost, and the channel closes with its connection.
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    let tx = self.tx.clone();
+                    rt.spawn(async move {
+                        let _ = tx.send(cmd).await;
+                    });
+                }
+            }
+        }
+    }
+}
+
 impl std::fmt::Debug for Channel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Channel")
-            .field("id", &self.id)
-            .field("closed", &self.shared.closed())
+            .field("id", &self.h.id)
+            .field("closed", &self.h.shared.closed())
             .finish()
     }
 }
@@ -72,43 +109,62 @@ impl Channel {
         conn: Arc<ConnShared>,
     ) -> Self {
         Channel {
-            id,
-            tx,
-            shared,
-            conn,
+            h: Arc::new(Handle {
+                id,
+                tx,
+                shared,
+                conn,
+            }),
         }
     }
 
     /// The channel number.
     pub fn id(&self) -> u16 {
-        self.id
+        self.h.id
     }
 
-    /// True once the channel (or its connection) is closed.
+    /// True once the channel (or its connection) is closed, or this client began closing it.
     pub fn is_closed(&self) -> bool {
-        self.shared.closed().is_some() || self.conn.closed().is_some()
+        self.check().is_err()
     }
 
-    /// Why the channel closed, if it did.
+    /// Why the channel closed (or is closing), if it did: what every call fails with now.
     pub fn close_error(&self) -> Option<Error> {
-        self.shared.closed().or(self.conn.closed()).cloned()
+        self.check().err()
     }
 
     /// False while the broker asked this channel to pause publishing (`channel.flow`).
     pub fn is_flow_active(&self) -> bool {
-        self.shared.flow()
+        self.h.shared.flow()
     }
 
     /// True once `confirm.select` was sent on this channel.
     pub fn is_confirm_mode(&self) -> bool {
-        self.shared.confirm.load(Ordering::Relaxed)
+        self.h.shared.confirm.load(Ordering::Relaxed)
     }
 
     fn check(&self) -> Result<(), Error> {
-        match self.shared.closed().or(self.conn.closed()) {
-            Some(e) => Err(e.clone()),
-            None => Ok(()),
+        let h = &*self.h;
+        if let Some(e) = h.shared.closed().or(h.conn.closed()) {
+            return Err(e.clone());
         }
+        if h.conn.is_closing() {
+            return Err(Error::ConnectionClosedByClient);
+        }
+        if h.shared.is_closing() {
+            return Err(Error::ChannelClosedByClient(h.id));
+        }
+        Ok(())
+    }
+
+    /// After queueing a command nobody answers (an ack, a publish outside confirm mode): a
+    /// close that began meanwhile may be queued ahead of it, and the connection task drops
+    /// methods for a closing channel. Report that rather than claim success. A close that
+    /// begins after this check is queued behind the command (this fence and the one in
+    /// `close` order the closing flag against the command queue), so a success is a real one.
+    fn recheck(&self) -> Result<(), Error> {
+        fence(Ordering::SeqCst);
+        self.check()
     }
 
     fn gone(&self) -> Error {
@@ -116,7 +172,7 @@ impl Channel {
     }
 
     async fn command(&self, cmd: Command) -> Result<(), Error> {
-        self.tx.send(cmd).await.map_err(|_| self.gone())
+        self.h.tx.send(cmd).await.map_err(|_| self.gone())
     }
 
     /// Send any request and wait for its reply.
@@ -124,7 +180,7 @@ impl Channel {
         self.check()?;
         let (reply, rx) = oneshot::channel();
         self.command(Command::Call {
-            channel: self.id,
+            channel: self.h.id,
             method,
             reply,
         })
@@ -132,14 +188,16 @@ impl Channel {
         rx.await.map_err(|_| self.gone())?
     }
 
-    /// Send a method that has no reply.
+    /// Send a method that has no reply. It fails, rather than vanish, when the channel closes
+    /// (or begins closing) before the method is sure to go out ahead of the close.
     pub async fn send(&self, method: Method) -> Result<(), Error> {
         self.check()?;
         self.command(Command::Send {
-            channel: self.id,
+            channel: self.h.id,
             method,
         })
-        .await
+        .await?;
+        self.recheck()
     }
 
     // ----- exchange ----------------------------------------------------------------------------
@@ -324,7 +382,8 @@ impl Channel {
             global: options.global,
         };
         expect_reply!(self.call(m.into()).await?, BasicQosOk)?;
-        self.shared
+        self.h
+            .shared
             .prefetch
             .store(prefetch_count, Ordering::Relaxed);
         Ok(())
@@ -337,7 +396,7 @@ impl Channel {
         options: ConsumeOptions,
     ) -> Result<Consumer, Error> {
         self.check()?;
-        let prefetch = usize::from(self.shared.prefetch.load(Ordering::Relaxed));
+        let prefetch = usize::from(self.h.shared.prefetch.load(Ordering::Relaxed));
         let cap = options
             .buffer
             .unwrap_or(if prefetch > 0 { prefetch } else { 1024 })
@@ -355,7 +414,7 @@ impl Channel {
         };
         let (reply, reply_rx) = oneshot::channel();
         self.command(Command::Consume {
-            channel: self.id,
+            channel: self.h.id,
             method: m.into(),
             sender,
             reply,
@@ -384,8 +443,8 @@ impl Channel {
                 consumer_tag: consumer_tag.clone(),
                 nowait: true,
             };
-            let _ = self.tx.try_send(Command::Send {
-                channel: self.id,
+            let _ = self.h.tx.try_send(Command::Send {
+                channel: self.h.id,
                 method: m.into(),
             });
         }
@@ -403,7 +462,7 @@ impl Channel {
             Reply::GetEmpty => Ok(None),
             other => Err(Error::Protocol(
                 crate::error::ProtocolError::UnexpectedFrame {
-                    channel: self.id,
+                    channel: self.h.id,
                     what: format!("{other:?}"),
                     state: "awaiting basic.get-ok",
                 },
@@ -463,8 +522,9 @@ impl Channel {
     }
 
     /// `basic.publish`. Resolves once the message is queued for the socket; the returned
-    /// [`PublishConfirm`] resolves to the broker's ack/nack in confirm mode, or at once to
-    /// [`Confirmation::NotRequested`].
+    /// [`PublishConfirm`] resolves to the broker's ack/nack in confirm mode (or to
+    /// [`Confirmation::Returned`] when a mandatory message is returned; outside confirm mode
+    /// returns go to [`Channel::returns`]), or at once to [`Confirmation::NotRequested`].
     pub async fn basic_publish(
         &self,
         exchange: &str,
@@ -474,21 +534,21 @@ impl Channel {
         body: impl Into<Bytes>,
     ) -> Result<PublishConfirm, Error> {
         self.check()?;
-        let (confirm, wait) = if self.shared.confirm.load(Ordering::Relaxed) {
+        let (confirm, wait) = if self.h.shared.confirm.load(Ordering::Relaxed) {
             let (tx, rx) = oneshot::channel();
             (
                 Some(tx),
                 PublishConfirm(ConfirmState::Wait(
                     rx,
-                    self.conn.clone(),
-                    self.shared.clone(),
+                    self.h.conn.clone(),
+                    self.h.shared.clone(),
                 )),
             )
         } else {
             (None, PublishConfirm(ConfirmState::Ready))
         };
         let p = Publish {
-            channel: self.id,
+            channel: self.h.id,
             exchange: ShortString::from(exchange),
             routing_key: ShortString::from(routing_key),
             mandatory: options.mandatory,
@@ -498,20 +558,27 @@ impl Channel {
             confirm,
         };
         self.command(Command::Publish(Box::new(p))).await?;
+        if matches!(wait.0, ConfirmState::Ready) {
+            // Nothing will tell of a publish dropped for a closing channel: check now.
+            // (In confirm mode the confirm fails instead.)
+            self.recheck()?;
+        }
         Ok(wait)
     }
 
-    /// A stream of the mandatory messages the broker returns on this channel.
+    /// A stream of the mandatory messages the broker returns on this channel that no publish
+    /// claims: all of them outside confirm mode; in confirm mode, those whose
+    /// [`PublishConfirm`] was dropped (a waiting one resolves to [`Confirmation::Returned`]).
     /// Only the latest stream receives them.
     pub fn returns(&self) -> Returns {
         let (tx, rx) = mpsc::unbounded_channel();
-        self.shared.set_returns(tx);
+        self.h.shared.set_returns(tx);
         Returns::new(rx)
     }
 
     /// `confirm.select`: from now on every publish is acked or nacked by the broker.
     pub async fn confirm_select(&self) -> Result<(), Error> {
-        self.shared.confirm.store(true, Ordering::Relaxed);
+        self.h.shared.confirm.store(true, Ordering::Relaxed);
         expect_reply!(
             self.call(ConfirmSelect { nowait: false }.into()).await?,
             ConfirmSelectOk
@@ -543,20 +610,38 @@ impl Channel {
         .is_some_and(|ok| ok.active))
     }
 
-    /// Close the channel (200 OK). Its consumers end; unconfirmed publishes fail.
+    /// Close the channel (200 OK). Its consumers end; unconfirmed publishes fail. From the
+    /// moment it is called every other call on the channel fails with
+    /// [`Error::ChannelClosedByClient`]; when it returns, the channel is closed.
     pub async fn close(&self) -> Result<(), Error> {
         match self.check() {
             Err(Error::ChannelClosedByClient(_)) => return Ok(()),
             Err(e) => return Err(e),
             Ok(()) => {}
         }
+        if self.h.shared.begin_close() {
+            return Ok(());
+        }
+        fence(Ordering::SeqCst);
         let m = ChannelClose {
             reply_code: 200,
             reply_text: "bye".into(),
             class_id: 0,
             method_id: 0,
         };
-        match self.call(m.into()).await {
+        let (reply, rx) = oneshot::channel();
+        let r = match self
+            .command(Command::Call {
+                channel: self.h.id,
+                method: m.into(),
+                reply,
+            })
+            .await
+        {
+            Ok(()) => rx.await.unwrap_or_else(|_| Err(self.gone())),
+            Err(e) => Err(e),
+        };
+        match r {
             Ok(_) | Err(Error::ChannelClosedByClient(_)) => Ok(()),
             Err(e) => Err(e),
         }
@@ -564,7 +649,9 @@ impl Channel {
 }
 
 /// The broker's answer to a publish. In confirm mode it resolves when the broker acks or nacks
-/// the message; otherwise at once with [`Confirmation::NotRequested`].
+/// the message, or to [`Confirmation::Returned`] for a mandatory message no queue took;
+/// otherwise at once with [`Confirmation::NotRequested`]. It does not keep its channel open:
+/// if every handle of the channel is dropped first, it fails with the channel's close.
 #[derive(Debug)]
 pub struct PublishConfirm(ConfirmState);
 

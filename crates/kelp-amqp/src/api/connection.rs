@@ -136,8 +136,8 @@ impl Connection {
     }
 
     async fn open_channel(&self, id: Option<u16>) -> Result<Channel, Error> {
-        if let Some(e) = self.shared.closed() {
-            return Err(e.clone());
+        if let Some(e) = self.close_error() {
+            return Err(e);
         }
         let shared = Arc::new(ChannelShared::new());
         let (reply, rx) = oneshot::channel();
@@ -159,7 +159,8 @@ impl Connection {
     }
 
     /// Close the connection (`connection.close` with 200) and wait for the broker's answer.
-    /// Every channel and consumer of it fails with [`Error::ConnectionClosedByClient`] afterwards.
+    /// From the moment it is called every channel and consumer of it fails with
+    /// [`Error::ConnectionClosedByClient`]; when it returns, the connection is closed.
     pub async fn close(&self) -> Result<(), Error> {
         if let Some(e) = self.shared.closed() {
             return match e {
@@ -167,6 +168,9 @@ impl Connection {
                 e => Err(e.clone()),
             };
         }
+        self.shared.begin_close();
+        // Orders the flag before the command (see `Channel::recheck`).
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
         let (reply, rx) = oneshot::channel();
         if self
             .tx
@@ -186,9 +190,9 @@ impl Connection {
         }
     }
 
-    /// True once the connection is closed, for any reason.
+    /// True once the connection is closed, for any reason, or this client began closing it.
     pub fn is_closed(&self) -> bool {
-        self.shared.closed().is_some() || self.tx.is_closed()
+        self.shared.closed().is_some() || self.shared.is_closing() || self.tx.is_closed()
     }
 
     /// Wait until the connection closes, for any reason, and return why
@@ -228,9 +232,14 @@ impl Connection {
         }
     }
 
-    /// Why the connection closed, if it did.
+    /// Why the connection closed, if it did ([`Error::ConnectionClosedByClient`] as soon as
+    /// [`Connection::close`] was called).
     pub fn close_error(&self) -> Option<Error> {
-        self.shared.closed().cloned()
+        match self.shared.closed() {
+            Some(e) => Some(e.clone()),
+            None if self.shared.is_closing() => Some(Error::ConnectionClosedByClient),
+            None => None,
+        }
     }
 
     /// Negotiated parameters and the server's properties.

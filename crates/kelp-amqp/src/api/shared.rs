@@ -27,6 +27,8 @@ pub struct Tuning {
 #[derive(Debug)]
 pub(crate) struct ConnShared {
     closed: OnceLock<Error>,
+    /// Set by a handle as it asks for `connection.close`, before the command is queued.
+    closing: AtomicBool,
     /// Flips to true once `closed` is set, for handles waiting on [`crate::Connection::closed`].
     closed_watch: watch::Sender<bool>,
     tuning: OnceLock<Tuning>,
@@ -37,6 +39,7 @@ impl ConnShared {
     pub(crate) fn new() -> Self {
         ConnShared {
             closed: OnceLock::new(),
+            closing: AtomicBool::new(false),
             closed_watch: watch::channel(false).0,
             tuning: OnceLock::new(),
             blocked: watch::channel(None).0,
@@ -49,6 +52,13 @@ impl ConnShared {
     }
     pub(crate) fn closed(&self) -> Option<&Error> {
         self.closed.get()
+    }
+    /// Mark the connection as closing by this client; true if it already was.
+    pub(crate) fn begin_close(&self) -> bool {
+        self.closing.swap(true, Ordering::SeqCst)
+    }
+    pub(crate) fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::SeqCst)
     }
     pub(crate) fn closed_watch(&self) -> watch::Receiver<bool> {
         self.closed_watch.subscribe()
@@ -81,6 +91,8 @@ impl ConnShared {
 #[derive(Debug)]
 pub(crate) struct ChannelShared {
     closed: OnceLock<Error>,
+    /// Set by a handle as it asks for `channel.close`, before the command is queued.
+    closing: AtomicBool,
     pub(crate) confirm: AtomicBool,
     pub(crate) prefetch: AtomicU16,
     flow: AtomicBool,
@@ -91,6 +103,7 @@ impl ChannelShared {
     pub(crate) fn new() -> Self {
         ChannelShared {
             closed: OnceLock::new(),
+            closing: AtomicBool::new(false),
             confirm: AtomicBool::new(false),
             prefetch: AtomicU16::new(0),
             flow: AtomicBool::new(true),
@@ -105,6 +118,13 @@ impl ChannelShared {
     }
     pub(crate) fn closed(&self) -> Option<&Error> {
         self.closed.get()
+    }
+    /// Mark the channel as closing by this client; true if it already was.
+    pub(crate) fn begin_close(&self) -> bool {
+        self.closing.swap(true, Ordering::SeqCst)
+    }
+    pub(crate) fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::SeqCst)
     }
     pub(crate) fn set_flow(&self, active: bool) {
         self.flow.store(active, Ordering::Relaxed);

@@ -18,7 +18,7 @@ use tracing::{debug, trace, warn};
 use super::{HIGH_WATER, READ_CHUNK};
 use crate::api::shared::{ChannelShared, ConnShared};
 use crate::codec::{BasicProperties, Method, ShortString};
-use crate::engine::{Confirmation, Delivery, Engine, Event, Reply};
+use crate::engine::{Confirmation, Delivery, Engine, Event, Reply, ReturnedMessage};
 use crate::error::Error;
 
 /// What a handle asks the driver to do.
@@ -43,6 +43,10 @@ pub(crate) enum Command {
     Send {
         channel: u16,
         method: Method,
+    },
+    /// `channel.close` (200) nobody waits for: the last handle of the channel was dropped.
+    CloseChannel {
+        channel: u16,
     },
     Publish(Box<Publish>),
     Close {
@@ -302,8 +306,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
             }
             Command::Send { channel, method } => {
                 if let Err(e) = self.engine.send(channel, &method) {
+                    // The sender checked the channel after queueing this and was told (see
+                    // `Channel::send`), unless the broker closed the channel meanwhile.
                     debug!(channel, method = method.name(), error = %e, "send failed");
                 }
+            }
+            Command::CloseChannel { channel } => {
+                let close = crate::codec::ChannelClose {
+                    reply_code: 200,
+                    reply_text: ShortString::from_static("channel handle dropped"),
+                    class_id: 0,
+                    method_id: 0,
+                };
+                self.engine.call(channel, close.into(), Responder::Nobody);
             }
             Command::Publish(p) => {
                 let Publish {
@@ -528,6 +543,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
     }
 
     fn handle_events(&mut self) {
+        if self.engine.is_closed() && self.shared.closed().is_none() {
+            // Before any waiter (the close's own, say) learns of it: a handle that asks next
+            // must find the connection closed.
+            let err = self
+                .engine
+                .error()
+                .cloned()
+                .unwrap_or(Error::ConnectionClosedByClient);
+            self.shared.set_closed(err);
+        }
         while let Some(ev) = self.engine.poll_event() {
             match ev {
                 Event::Delivery(d) => self.dispatch(d),
@@ -536,7 +561,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
                     confirmation,
                 } => {
                     if let Responder::Confirm(tx) = token {
-                        let _ = tx.send(Ok(confirmation));
+                        if let Err(Ok(Confirmation::Returned(r))) = tx.send(Ok(confirmation)) {
+                            // The publisher stopped waiting: the return is nobody's, like one
+                            // outside confirm mode.
+                            self.deliver_return(r);
+                        }
                     }
                 }
                 Event::Reply { token, reply } => match token {
@@ -581,13 +610,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
                     }
                     token.fail(error)
                 }
-                Event::Returned(r) => match self.channels.get(&r.channel) {
-                    Some(s) => s.deliver_return(*r),
-                    None => warn!(
-                        channel = r.channel,
-                        "returned message for unknown channel dropped"
-                    ),
-                },
+                Event::Returned(r) => self.deliver_return(r),
                 Event::ConsumerCancelled {
                     channel,
                     consumer_tag,
@@ -648,6 +671,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<S> {
         }
     }
 
+    fn deliver_return(&self, r: Box<ReturnedMessage>) {
+        match self.channels.get(&r.channel) {
+            Some(s) => s.deliver_return(*r),
+            None => warn!(
+                channel = r.channel,
+                "returned message for unknown channel dropped"
+            ),
+        }
+    }
+
     fn dispatch(&mut self, d: Box<Delivery>) {
         let key = (d.channel, d.consumer_tag.clone());
         let Some(tx) = self.consumers.get(&key).cloned() else {
@@ -674,6 +707,6 @@ fn fail_command(cmd: Command, err: Error) {
                 let _ = tx.send(Err(err));
             }
         }
-        Command::Send { .. } => {}
+        Command::Send { .. } | Command::CloseChannel { .. } => {}
     }
 }

@@ -147,6 +147,25 @@ impl Incoming {
     }
 }
 
+/// A publish awaiting its ack or nack (confirm mode).
+#[derive(Debug)]
+pub(crate) struct Unconfirmed<T> {
+    pub(crate) seq: u64,
+    /// Whom to tell; `None` for a publish nobody waits for (tracked only when mandatory, so a
+    /// `basic.return` for it can still be told apart from the others').
+    pub(crate) token: Option<T>,
+    pub(crate) mandatory: bool,
+}
+
+/// A publish that a multiple ack settled right after a `basic.return`, when that ack may or
+/// may not be the returned message's own (see `Engine::on_confirm`). Decided by the next frame.
+#[derive(Debug)]
+pub(crate) struct Held<T> {
+    pub(crate) seq: u64,
+    pub(crate) token: Option<T>,
+    pub(crate) returned: Box<ReturnedMessage>,
+}
+
 #[derive(Debug)]
 pub(crate) struct Chan<T> {
     pub(crate) state: ChanState,
@@ -154,7 +173,13 @@ pub(crate) struct Chan<T> {
     pub(crate) confirm: bool,
     pub(crate) next_seq: u64,
     /// Publishes awaiting ack/nack, by sequence number, oldest first.
-    pub(crate) unconfirmed: VecDeque<(u64, Option<T>)>,
+    pub(crate) unconfirmed: VecDeque<Unconfirmed<T>>,
+    /// How many of `unconfirmed` are mandatory.
+    pub(crate) mandatory: usize,
+    /// A `basic.return` (confirm mode) waiting for the ack of the publish it returns.
+    pub(crate) returned: Option<Box<ReturnedMessage>>,
+    /// See [`Held`].
+    pub(crate) held: Option<Held<T>>,
     pub(crate) incoming: Option<Incoming>,
     pub(crate) active: bool,
 }
@@ -167,6 +192,9 @@ impl<T> Chan<T> {
             confirm: false,
             next_seq: 1,
             unconfirmed: VecDeque::new(),
+            mandatory: 0,
+            returned: None,
+            held: None,
             incoming: None,
             active: true,
         }

@@ -55,20 +55,33 @@ pub struct ReturnedMessage {
 }
 
 /// The broker's answer to a publish on a channel in confirm mode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Confirmation {
     /// The broker took responsibility for the message.
     Ack,
     /// The broker could not take it (e.g. queue overflow with reject-publish).
     Nack,
+    /// A mandatory message no queue took: the broker returned it (`basic.return`) and then
+    /// acked it. It holds what came back. RabbitMQ sends the return just before the ack of the
+    /// same publish on the same channel, which is how the two are matched; a return that
+    /// cannot be matched to a publish someone waits for goes to the channel's
+    /// [`Returns`](crate::Returns) stream instead.
+    Returned(Box<ReturnedMessage>),
     /// The channel is not in confirm mode: nothing to wait for.
     NotRequested,
 }
 
 impl Confirmation {
-    /// True for `Ack`.
-    pub fn is_ack(self) -> bool {
-        self == Confirmation::Ack
+    /// True for `Ack` (a returned message is acked by the broker but held by no queue: false).
+    pub fn is_ack(&self) -> bool {
+        matches!(self, Confirmation::Ack)
+    }
+    /// The message the broker returned, for `Returned`.
+    pub fn returned(&self) -> Option<&ReturnedMessage> {
+        match self {
+            Confirmation::Returned(r) => Some(r),
+            _ => None,
+        }
     }
 }
 
@@ -113,12 +126,13 @@ pub enum Event<T> {
     Confirm {
         /// The publisher's token.
         token: T,
-        /// Ack or Nack.
+        /// Ack, Nack, or Returned.
         confirmation: Confirmation,
     },
     /// A message for a consumer (boxed: it is built in place and then only the pointer moves).
     Delivery(Box<Delivery>),
-    /// A mandatory message came back.
+    /// A mandatory message came back that no publish token claims: outside confirm mode,
+    /// or in confirm mode when its publish had no token (or could not be identified).
     Returned(Box<ReturnedMessage>),
     /// The broker cancelled a consumer (queue deleted, node down).
     ConsumerCancelled {
@@ -127,7 +141,9 @@ pub enum Event<T> {
         /// Consumer tag.
         consumer_tag: ShortString,
     },
-    /// A channel closed; `error` is `None` when this client closed it.
+    /// A channel closed; `error` is `None` when this client closed it. It comes before the
+    /// failures of the requests that waited on the channel and before the reply to this
+    /// client's `channel.close`, so a driver can mark the channel closed before anyone learns.
     ChannelClosed {
         /// Channel.
         channel: u16,

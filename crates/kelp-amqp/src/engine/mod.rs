@@ -37,7 +37,7 @@ use crate::codec::{
 };
 use crate::error::{reply_code, CloseReason, Error, ProtocolError};
 
-use channel::{Chan, ChanState, ContentKind, Expect, Incoming, Pending};
+use channel::{Chan, ChanState, ContentKind, Expect, Held, Incoming, Pending, Unconfirmed};
 pub use config::{Config, Sasl};
 pub use event::{Confirmation, Delivery, Event, GetMessage, Reply, ReturnedMessage};
 pub use transmit::{Transmit, COPY_BODY_MAX};
@@ -139,7 +139,8 @@ impl<T> Engine<T> {
     pub fn is_confirm(&self, channel: u16) -> bool {
         self.chan(channel).is_some_and(|c| c.confirm)
     }
-    /// Number of publishes awaiting a confirm on `channel`.
+    /// Number of publishes awaiting a confirm on `channel` (those published with a token, and
+    /// mandatory ones: a `basic.return` may name them).
     pub fn unconfirmed(&self, channel: u16) -> usize {
         self.chan(channel).map_or(0, |c| c.unconfirmed.len())
     }
@@ -385,6 +386,9 @@ impl<T> Engine<T> {
         if ch.incoming.is_some() {
             return Err(unexpected(channel, "basic.deliver", "expecting content"));
         }
+        if ch.held.is_some() {
+            release_held(ch, &mut self.events);
+        }
         ch.incoming = Some(Incoming::new(ContentKind::Deliver(Box::new(Delivery {
             channel,
             consumer_tag: d.consumer_tag,
@@ -561,6 +565,10 @@ impl<T> Engine<T> {
         if ch.incoming.is_some() {
             return Err(unexpected(channel, method.name(), "expecting content"));
         }
+        if ch.held.is_some() && !matches!(method, Method::BasicAck(_) | Method::BasicNack(_)) {
+            // Any other frame ends the confirms that followed a return: see `on_confirm`.
+            release_held(ch, &mut self.events);
+        }
         match method {
             Method::BasicDeliver(d) => {
                 ch.incoming = Some(Incoming::new(ContentKind::Deliver(Box::new(Delivery {
@@ -591,25 +599,13 @@ impl<T> Engine<T> {
                 if !ch.confirm {
                     return Err(unexpected(channel, "basic.ack", "not in confirm mode"));
                 }
-                settle(
-                    ch,
-                    &mut self.events,
-                    a.delivery_tag,
-                    a.multiple,
-                    Confirmation::Ack,
-                );
+                on_confirm(ch, &mut self.events, a.delivery_tag, a.multiple, true);
             }
             Method::BasicNack(n) => {
                 if !ch.confirm {
                     return Err(unexpected(channel, "basic.nack", "not in confirm mode"));
                 }
-                settle(
-                    ch,
-                    &mut self.events,
-                    n.delivery_tag,
-                    n.multiple,
-                    Confirmation::Nack,
-                );
+                on_confirm(ch, &mut self.events, n.delivery_tag, n.multiple, false);
             }
             Method::BasicCancel(c) => {
                 if !c.nowait {
@@ -680,11 +676,13 @@ impl<T> Engine<T> {
                         });
                     }
                     Method::ChannelCloseOk(_) => {
+                        // The channel's close is reported before the close's own reply, so
+                        // whoever waits for that reply finds the channel closed already.
+                        self.drop_channel(channel, None);
                         self.events.push_back(Event::Reply {
                             token: p.token,
                             reply: Reply::Method(reply),
                         });
-                        self.drop_channel(channel, None);
                     }
                     Method::BasicGetEmpty(_) => {
                         self.events.push_back(Event::Reply {
@@ -730,7 +728,21 @@ impl<T> Engine<T> {
             }
             ContentKind::Return(mut r) => {
                 r.body = body;
-                self.events.push_back(Event::Returned(r));
+                if ch.confirm {
+                    // RabbitMQ sends a return just before the ack of the same publish: keep it
+                    // for that ack (`on_confirm`), if a mandatory publish can still claim it.
+                    release_held(ch, &mut self.events);
+                    if let Some(old) = ch.returned.take() {
+                        self.events.push_back(Event::Returned(old));
+                    }
+                    if ch.mandatory > 0 {
+                        ch.returned = Some(r);
+                    } else {
+                        self.events.push_back(Event::Returned(r));
+                    }
+                } else {
+                    self.events.push_back(Event::Returned(r));
+                }
             }
             ContentKind::GetOk(mut g) => {
                 g.delivery.body = body;
@@ -850,7 +862,8 @@ impl<T> Engine<T> {
     }
 
     /// Publish a message. In confirm mode the `token` comes back with [`Event::Confirm`] when the
-    /// broker acks or nacks it; otherwise with `Confirmation::NotRequested` at once.
+    /// broker acks or nacks it (or returns it, for a mandatory message no queue took:
+    /// `Confirmation::Returned`); otherwise with `Confirmation::NotRequested` at once.
     /// Returns the publish sequence number in confirm mode.
     #[allow(clippy::too_many_arguments)]
     pub fn publish(
@@ -903,8 +916,13 @@ impl<T> Engine<T> {
         if ch.confirm {
             let seq = ch.next_seq;
             ch.next_seq += 1;
-            if token.is_some() {
-                ch.unconfirmed.push_back((seq, token));
+            if token.is_some() || mandatory {
+                ch.mandatory += usize::from(mandatory);
+                ch.unconfirmed.push_back(Unconfirmed {
+                    seq,
+                    token,
+                    mandatory,
+                });
             }
             Ok(Some(seq))
         } else {
@@ -994,34 +1012,39 @@ impl<T> Engine<T> {
         }
     }
 
-    /// Remove a channel, failing whatever waited on it.
+    /// Remove a channel, failing whatever waited on it. The channel's close is reported first,
+    /// so a driver marks it closed before any waiter learns of the failure.
     fn drop_channel(&mut self, channel: u16, error: Option<Error>) {
-        let Some(ch) = self
+        let Some(mut ch) = self
             .channels
             .get_mut(usize::from(channel))
             .and_then(Option::take)
         else {
             return;
         };
+        release_held(&mut ch, &mut self.events);
+        if let Some(r) = ch.returned.take() {
+            self.events.push_back(Event::Returned(r));
+        }
         let err = error
             .clone()
             .unwrap_or(Error::ChannelClosedByClient(channel));
+        self.events
+            .push_back(Event::ChannelClosed { channel, error });
         for p in ch.pending {
             self.events.push_back(Event::Failed {
                 token: p.token,
                 error: err.clone(),
             });
         }
-        for (_, t) in ch.unconfirmed {
-            if let Some(token) = t {
+        for u in ch.unconfirmed {
+            if let Some(token) = u.token {
                 self.events.push_back(Event::Failed {
                     token,
                     error: err.clone(),
                 });
             }
         }
-        self.events
-            .push_back(Event::ChannelClosed { channel, error });
     }
 
     fn finish_close(&mut self) {
@@ -1073,34 +1096,143 @@ impl<T> Engine<T> {
     }
 }
 
+/// `basic.ack` / `basic.nack` from the broker in confirm mode, with a `basic.return` possibly
+/// waiting for the ack of its publish.
+///
+/// RabbitMQ sends a return while it routes the publish, then (before anything else on that
+/// channel) the confirms it has gathered: at most one multiple ack for the oldest ones, then
+/// single acks in ascending order, the last of which is the returned publish's own (its
+/// sequence number is the highest they confirm). So the return belongs to the first ack after
+/// it whose tag is a mandatory publish, except when that ack is a multiple one: it may then be
+/// an earlier flush of routed publishes' confirms, with the returned publish's single ack
+/// still to come. That can only be when another mandatory publish waits behind a publish that
+/// is still unconfirmed; then the decision waits for the next frame ([`Held`]): a single ack of
+/// such a mandatory publish, with an unconfirmed one below it, takes the return over; anything
+/// else leaves it with the held one. (Exact while a channel's routed publishes are confirmed in
+/// order, as with one queue; with several queues confirming out of order an ack may be matched
+/// wrongly.)
+fn on_confirm<T>(
+    ch: &mut Chan<T>,
+    events: &mut VecDeque<Event<T>>,
+    tag: u64,
+    multiple: bool,
+    ack: bool,
+) {
+    if ch.returned.is_none() && ch.held.is_none() {
+        // The common case: no return in sight.
+        settle(ch, events, tag, multiple, ack);
+        return;
+    }
+    if let Some(h) = ch.held.take() {
+        let takes_over = ack
+            && !multiple
+            && tag > h.seq
+            && ch.unconfirmed.front().is_some_and(|u| u.seq < tag)
+            && position(ch, tag)
+                .is_some_and(|i| ch.unconfirmed.get(i).is_some_and(|u| u.mandatory));
+        if takes_over {
+            if let Some(token) = h.token {
+                events.push_back(Event::Confirm {
+                    token,
+                    confirmation: Confirmation::Ack,
+                });
+            }
+            ch.returned = Some(h.returned);
+        } else {
+            emit_returned(events, h.token, h.returned);
+        }
+    }
+    let Some(returned) = ch.returned.take() else {
+        settle(ch, events, tag, multiple, ack);
+        return;
+    };
+    let own = if ack {
+        position(ch, tag).filter(|&i| ch.unconfirmed.get(i).is_some_and(|u| u.mandatory))
+    } else {
+        None
+    };
+    let Some(own) = own.and_then(|i| take(ch, i)) else {
+        settle(ch, events, tag, multiple, ack);
+        ch.returned = Some(returned);
+        return;
+    };
+    if multiple {
+        settle(ch, events, tag, true, true);
+        let front_mandatory = ch.unconfirmed.front().is_some_and(|u| u.mandatory);
+        if ch.mandatory > usize::from(front_mandatory) {
+            ch.held = Some(Held {
+                seq: own.seq,
+                token: own.token,
+                returned,
+            });
+            return;
+        }
+    }
+    emit_returned(events, own.token, returned);
+}
+
+/// A held publish was the returned one after all (the frames that could say otherwise are over).
+fn release_held<T>(ch: &mut Chan<T>, events: &mut VecDeque<Event<T>>) {
+    if let Some(h) = ch.held.take() {
+        emit_returned(events, h.token, h.returned);
+    }
+}
+
+/// A publish came back: its token learns it, or, without one, the returns stream.
+fn emit_returned<T>(
+    events: &mut VecDeque<Event<T>>,
+    token: Option<T>,
+    returned: Box<ReturnedMessage>,
+) {
+    events.push_back(match token {
+        Some(token) => Event::Confirm {
+            token,
+            confirmation: Confirmation::Returned(returned),
+        },
+        None => Event::Returned(returned),
+    });
+}
+
+fn position<T>(ch: &Chan<T>, seq: u64) -> Option<usize> {
+    ch.unconfirmed.binary_search_by_key(&seq, |u| u.seq).ok()
+}
+
+fn take<T>(ch: &mut Chan<T>, i: usize) -> Option<Unconfirmed<T>> {
+    let u = ch.unconfirmed.remove(i)?;
+    ch.mandatory = ch.mandatory.saturating_sub(usize::from(u.mandatory));
+    Some(u)
+}
+
 fn settle<T>(
     ch: &mut Chan<T>,
     events: &mut VecDeque<Event<T>>,
     tag: u64,
     multiple: bool,
-    c: Confirmation,
+    ack: bool,
 ) {
+    let mut confirmed = |u: Unconfirmed<T>| {
+        if let Some(token) = u.token {
+            events.push_back(Event::Confirm {
+                token,
+                confirmation: if ack {
+                    Confirmation::Ack
+                } else {
+                    Confirmation::Nack
+                },
+            });
+        }
+    };
     if multiple {
         // Tag 0 with multiple means "everything outstanding" (AMQP 0-9-1 basic.ack).
         let tag = if tag == 0 { u64::MAX } else { tag };
-        while let Some((seq, _)) = ch.unconfirmed.front() {
-            if *seq > tag {
-                break;
-            }
-            if let Some((_, Some(token))) = ch.unconfirmed.pop_front() {
-                events.push_back(Event::Confirm {
-                    token,
-                    confirmation: c,
-                });
+        while ch.unconfirmed.front().is_some_and(|u| u.seq <= tag) {
+            if let Some(u) = ch.unconfirmed.pop_front() {
+                ch.mandatory = ch.mandatory.saturating_sub(usize::from(u.mandatory));
+                confirmed(u);
             }
         }
-    } else if let Ok(i) = ch.unconfirmed.binary_search_by_key(&tag, |(s, _)| *s) {
-        if let Some((_, Some(token))) = ch.unconfirmed.remove(i) {
-            events.push_back(Event::Confirm {
-                token,
-                confirmation: c,
-            });
-        }
+    } else if let Some(u) = position(ch, tag).and_then(|i| take(ch, i)) {
+        confirmed(u);
     }
 }
 

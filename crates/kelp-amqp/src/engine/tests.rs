@@ -1826,7 +1826,7 @@ fn confirms(ev: &[Ev]) -> Vec<(u32, Confirmation)> {
             Event::Confirm {
                 token,
                 confirmation,
-            } => (*token, *confirmation),
+            } => (*token, confirmation.clone()),
             other => panic!("{other:?}"),
         })
         .collect()
@@ -2162,18 +2162,20 @@ fn client_channel_close_round_trip() {
     assert!(h.out().is_empty());
     h.feed(mframe(1, ChannelCloseOk {}));
     let ev = h.events();
+    // The channel's close comes before the close's reply: a driver marks the handle closed
+    // before the caller of close() can run again.
     assert!(
         matches!(
             ev.as_slice(),
             [
+                Event::ChannelClosed {
+                    channel: 1,
+                    error: None
+                },
                 Event::Reply {
                     token: 5,
                     reply: Reply::Method(Method::ChannelCloseOk(_))
                 },
-                Event::ChannelClosed {
-                    channel: 1,
-                    error: None
-                }
             ]
         ),
         "{ev:?}"
@@ -2200,14 +2202,14 @@ fn client_channel_close_after_pending_request() {
                     token: 1,
                     reply: Reply::Method(Method::QueueDeclareOk(_))
                 },
+                Event::ChannelClosed {
+                    channel: 1,
+                    error: None
+                },
                 Event::Reply {
                     token: 2,
                     reply: Reply::Method(Method::ChannelCloseOk(_))
                 },
-                Event::ChannelClosed {
-                    channel: 1,
-                    error: None
-                }
             ]
         ),
         "{ev:?}"
@@ -2637,11 +2639,11 @@ fn client_close_handshake() {
         matches!(
             ev.as_slice(),
             [
+                Event::ChannelClosed { channel: 1, .. },
                 Event::Failed {
                     token: 3,
                     error: Error::ConnectionClosedByClient
                 },
-                Event::ChannelClosed { channel: 1, .. },
                 Event::Reply {
                     token: 9,
                     reply: Reply::Method(Method::ConnectionCloseOk(_))
@@ -2978,4 +2980,298 @@ fn client_close_of_a_confirm_channel_fails_unconfirmed_publishes() {
             error: None
         }
     )));
+}
+
+// ----- basic.return matched to its publish (confirm mode) ---------------------------------------
+
+/// Publish on channel 1 with `token`, mandatory or not; returns the sequence number.
+fn publish_one(h: &mut H, token: Option<u32>, mandatory: bool) -> u64 {
+    h.e.publish(
+        1,
+        "ex",
+        "same-key",
+        mandatory,
+        false,
+        &BasicProperties::default(),
+        Bytes::from_static(b"m"),
+        token,
+    )
+    .unwrap()
+    .unwrap()
+}
+
+/// The broker returns a message on channel 1 (body `body`).
+fn feed_return(h: &mut H, body: &[u8]) {
+    h.feed(content(
+        1,
+        BasicReturn {
+            reply_code: 312,
+            reply_text: "NO_ROUTE".into(),
+            exchange: "ex".into(),
+            routing_key: "same-key".into(),
+        },
+        &BasicProperties::default(),
+        body,
+        64,
+    ));
+}
+
+fn feed_ack(h: &mut H, tag: u64, multiple: bool) {
+    h.feed(mframe(
+        1,
+        BasicAck {
+            delivery_tag: tag,
+            multiple,
+        },
+    ));
+}
+
+/// Confirms as (token, "ack" | "nack" | "returned:<body>").
+fn outcomes(ev: &[Ev]) -> Vec<(u32, String)> {
+    confirms(ev)
+        .into_iter()
+        .map(|(t, c)| {
+            let s = match c {
+                Confirmation::Ack => "ack".to_owned(),
+                Confirmation::Nack => "nack".to_owned(),
+                Confirmation::NotRequested => "none".to_owned(),
+                Confirmation::Returned(r) => {
+                    assert_eq!(r.reply_code, 312);
+                    assert_eq!(r.channel, 1);
+                    format!("returned:{}", String::from_utf8_lossy(&r.body))
+                }
+            };
+            (t, s)
+        })
+        .collect()
+}
+
+fn o(token: u32, s: &str) -> (u32, String) {
+    (token, s.to_owned())
+}
+
+#[test]
+fn return_resolves_the_publish_its_ack_names() {
+    let mut h = confirm_channel();
+    publish_one(&mut h, Some(10), true); // 1, routed
+    publish_one(&mut h, Some(11), true); // 2, unroutable
+    feed_return(&mut h, b"two");
+    assert!(h.events().is_empty(), "the return waits for its ack");
+    feed_ack(&mut h, 2, false);
+    assert_eq!(outcomes(&h.events()), vec![o(11, "returned:two")]);
+    feed_ack(&mut h, 1, false);
+    assert_eq!(outcomes(&h.events()), vec![o(10, "ack")]);
+    assert_eq!(h.e.unconfirmed(1), 0);
+}
+
+#[test]
+fn multiple_ack_after_a_return_is_the_returned_publish_when_nothing_else_can_be() {
+    let mut h = confirm_channel();
+    publish_one(&mut h, Some(10), true);
+    publish_one(&mut h, Some(11), true);
+    feed_return(&mut h, b"two");
+    // RabbitMQ coalesced 1's confirm (routed) with 2's (returned).
+    feed_ack(&mut h, 2, true);
+    assert_eq!(
+        outcomes(&h.events()),
+        vec![o(10, "ack"), o(11, "returned:two")]
+    );
+}
+
+#[test]
+fn return_is_not_claimed_by_an_earlier_flush_of_routed_confirms() {
+    // 1, 2, 3 routed, 4 unroutable. When RabbitMQ routes 4 it has the queue's confirms of 1
+    // and 2 but not of 3: it returns 4, then acks 1..=2 (multiple), then 4 alone.
+    let mut h = confirm_channel();
+    for t in 10..14 {
+        publish_one(&mut h, Some(t), true);
+    }
+    feed_return(&mut h, b"four");
+    feed_ack(&mut h, 2, true);
+    assert_eq!(outcomes(&h.events()), vec![o(10, "ack")], "2 is held");
+    feed_ack(&mut h, 4, false);
+    assert_eq!(
+        outcomes(&h.events()),
+        vec![o(11, "ack"), o(13, "returned:four")]
+    );
+    feed_ack(&mut h, 3, false);
+    assert_eq!(outcomes(&h.events()), vec![o(12, "ack")]);
+}
+
+#[test]
+fn held_publish_keeps_the_return_when_the_next_ack_is_a_later_one() {
+    // 1 routed, 2 unroutable (acked with 1), 3 and 4 in flight: the next ack, of 3, is not 2's
+    // flush going on (nothing unconfirmed below 3), so the return was 2's.
+    let mut h = confirm_channel();
+    for t in 10..14 {
+        publish_one(&mut h, Some(t), true);
+    }
+    feed_return(&mut h, b"two");
+    feed_ack(&mut h, 2, true);
+    assert_eq!(outcomes(&h.events()), vec![o(10, "ack")]);
+    feed_ack(&mut h, 3, false);
+    assert_eq!(
+        outcomes(&h.events()),
+        vec![o(11, "returned:two"), o(12, "ack")]
+    );
+    // And the next return is matched afresh.
+    feed_return(&mut h, b"four");
+    feed_ack(&mut h, 4, false);
+    assert_eq!(outcomes(&h.events()), vec![o(13, "returned:four")]);
+}
+
+#[test]
+fn held_publish_is_settled_by_any_other_frame() {
+    let mut h = confirm_channel();
+    for t in 10..13 {
+        publish_one(&mut h, Some(t), true);
+    }
+    feed_return(&mut h, b"one");
+    feed_ack(&mut h, 1, true);
+    assert!(h.events().is_empty(), "1 is held");
+    h.feed(content(
+        1,
+        deliver(7),
+        &BasicProperties::default(),
+        b"d",
+        64,
+    ));
+    let ev = h.events();
+    assert!(
+        matches!(
+            ev.as_slice(),
+            [
+                Event::Confirm {
+                    token: 10,
+                    confirmation: Confirmation::Returned(_)
+                },
+                Event::Delivery(_)
+            ]
+        ),
+        "{ev:?}"
+    );
+}
+
+#[test]
+fn acks_of_publishes_that_cannot_be_returned_leave_the_return_waiting() {
+    let mut h = confirm_channel();
+    publish_one(&mut h, Some(10), false); // not mandatory: never returned
+    publish_one(&mut h, Some(11), true);
+    feed_return(&mut h, b"two");
+    feed_ack(&mut h, 1, false);
+    assert_eq!(outcomes(&h.events()), vec![o(10, "ack")]);
+    feed_ack(&mut h, 2, false);
+    assert_eq!(outcomes(&h.events()), vec![o(11, "returned:two")]);
+}
+
+#[test]
+fn unclaimed_returns_go_to_the_returns_stream() {
+    let mut h = confirm_channel();
+    // No mandatory publish outstanding: nobody can claim it.
+    publish_one(&mut h, Some(10), false);
+    feed_return(&mut h, b"stray");
+    let ev = h.events();
+    assert!(
+        matches!(ev.as_slice(), [Event::Returned(r)] if &r.body[..] == b"stray"),
+        "{ev:?}"
+    );
+    feed_ack(&mut h, 1, false);
+    assert_eq!(outcomes(&h.events()), vec![o(10, "ack")]);
+    // A mandatory publish without a token: its return is nobody's either.
+    publish_one(&mut h, None, true); // 2
+    publish_one(&mut h, Some(12), true); // 3
+    assert_eq!(h.e.unconfirmed(1), 2);
+    feed_return(&mut h, b"tokenless");
+    assert!(h.events().is_empty());
+    feed_ack(&mut h, 2, false);
+    let ev = h.events();
+    assert!(
+        matches!(ev.as_slice(), [Event::Returned(r)] if &r.body[..] == b"tokenless"),
+        "{ev:?}"
+    );
+    feed_ack(&mut h, 3, false);
+    assert_eq!(outcomes(&h.events()), vec![o(12, "ack")]);
+}
+
+#[test]
+fn a_waiting_return_goes_to_the_returns_stream_when_the_channel_closes() {
+    let mut h = confirm_channel();
+    publish_one(&mut h, Some(10), true);
+    feed_return(&mut h, b"orphan");
+    h.feed(mframe(
+        1,
+        ChannelClose {
+            reply_code: 406,
+            reply_text: "PRECONDITION_FAILED".into(),
+            class_id: 0,
+            method_id: 0,
+        },
+    ));
+    let ev = h.events();
+    assert!(
+        matches!(
+            ev.as_slice(),
+            [
+                Event::Returned(_),
+                Event::ChannelClosed { channel: 1, .. },
+                Event::Failed { token: 10, .. }
+            ]
+        ),
+        "{ev:?}"
+    );
+}
+
+#[test]
+fn returns_outside_confirm_mode_are_not_held() {
+    let mut h = with_ch1();
+    h.e.publish(
+        1,
+        "ex",
+        "k",
+        true,
+        false,
+        &BasicProperties::default(),
+        Bytes::new(),
+        Some(10),
+    )
+    .unwrap();
+    assert!(matches!(
+        h.events().as_slice(),
+        [Event::Confirm {
+            token: 10,
+            confirmation: Confirmation::NotRequested
+        }]
+    ));
+    feed_return(&mut h, b"x");
+    assert!(matches!(h.events().as_slice(), [Event::Returned(_)]));
+}
+
+#[test]
+fn broker_channel_close_is_reported_before_failing_its_waiters() {
+    let mut h = with_ch1();
+    h.e.call(1, QueueDeclare::default().into(), 7);
+    let _ = h.out();
+    h.feed(mframe(
+        1,
+        ChannelClose {
+            reply_code: 404,
+            reply_text: "NOT_FOUND".into(),
+            class_id: 50,
+            method_id: 10,
+        },
+    ));
+    let ev = h.events();
+    assert!(
+        matches!(
+            ev.as_slice(),
+            [
+                Event::ChannelClosed {
+                    channel: 1,
+                    error: Some(_)
+                },
+                Event::Failed { token: 7, .. }
+            ]
+        ),
+        "{ev:?}"
+    );
 }

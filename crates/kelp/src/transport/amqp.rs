@@ -1,10 +1,8 @@
 //! `amqp://` and `amqps://`: RabbitMQ (or any AMQP 0-9-1 broker) through `kelp-amqp`.
 
-use std::collections::VecDeque;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -27,9 +25,6 @@ use crate::error::Error;
 #[derive(Debug)]
 pub struct AmqpTransport {
     conn: kelp_amqp::Connection,
-    /// Set by [`Transport::close`], so `is_closed` holds as soon as `close` returns (the
-    /// driver marks the `kelp_amqp` handle closed a moment later).
-    closed_by_us: AtomicBool,
 }
 
 impl AmqpTransport {
@@ -60,10 +55,7 @@ impl AmqpTransport {
                 })??,
             None => fut.await?,
         };
-        Ok(AmqpTransport {
-            conn,
-            closed_by_us: AtomicBool::new(false),
-        })
+        Ok(AmqpTransport { conn })
     }
 
     /// The underlying `kelp-amqp` connection.
@@ -78,38 +70,22 @@ impl Transport for AmqpTransport {
     }
     fn open_channel(&self) -> BoxFuture<'_, Result<Arc<dyn TransportChannel>, Error>> {
         Box::pin(async move {
-            if self.closed_by_us.load(Ordering::Acquire) {
-                return Err(Error::Closed { what: "connection" });
-            }
             let ch = self.conn.channel().await?;
+            // Listen from the start, so returns that come before the user takes the stream
+            // wait for it.
             let returns = ch.returns();
             let ch: Arc<dyn TransportChannel> = Arc::new(AmqpChannel {
                 ch,
-                closed_by_us: AtomicBool::new(false),
-                mandatory: tokio::sync::Mutex::new(()),
-                returns: Arc::new(ReturnRouter {
-                    state: Mutex::new(RouterState {
-                        rx: returns,
-                        ended: false,
-                        waiting: Vec::new(),
-                        unclaimed: VecDeque::new(),
-                        user_waker: None,
-                        user_taken: false,
-                        next_id: 0,
-                    }),
-                }),
+                returns: Mutex::new(Some(returns)),
             });
             Ok(ch)
         })
     }
     fn close(&self) -> BoxFuture<'_, Result<(), Error>> {
-        Box::pin(async move {
-            self.closed_by_us.store(true, Ordering::Release);
-            Ok(self.conn.close().await?)
-        })
+        Box::pin(async move { Ok(self.conn.close().await?) })
     }
     fn is_closed(&self) -> bool {
-        self.closed_by_us.load(Ordering::Acquire) || self.conn.is_closed()
+        self.conn.is_closed()
     }
     fn close_signal(&self) -> BoxFuture<'static, Error> {
         let signal = self.conn.close_signal();
@@ -121,160 +97,24 @@ impl Transport for AmqpTransport {
     }
 }
 
-/// A channel on an AMQP connection.
+/// A channel on an AMQP connection. Dropping it drops its `kelp_amqp` channel, which closes
+/// the channel on the broker (and requeues its unacked deliveries) once no consumer stream of
+/// it is left either.
 #[derive(Debug)]
 pub struct AmqpChannel {
     ch: kelp_amqp::Channel,
-    /// Set by [`TransportChannel::close`]: the fire-and-forget methods (ack, nack, reject,
-    /// publish) must fail once we closed the channel, even before the driver has marked the
-    /// `kelp_amqp` handle closed (it does so only after `close()` has returned).
-    closed_by_us: AtomicBool,
-    /// Held across a mandatory publish under confirms, from publish to confirm. A
-    /// `basic.return` names only the exchange, routing key and properties, so two such
-    /// publishes in flight with the same ones (one routed, one not — by headers, say) could
-    /// not be told apart; one at a time they always can.
-    mandatory: tokio::sync::Mutex<()>,
-    returns: Arc<ReturnRouter>,
+    /// The returns no publish claimed (see [`Confirmation::Returned`]), until taken.
+    returns: Mutex<Option<kelp_amqp::Returns>>,
 }
 
-/// Matches returned messages to the mandatory publishes waiting for their confirm, and hands
-/// the rest to the user's stream. Any reader of the channel's returns routes what it reads, so
-/// no reader can steal a return another one waits for. The broker sends `basic.return` before
-/// the `basic.ack` of the same message, and the driver queues the return before it resolves
-/// the confirm, so a publisher that checks after its ack sees its return.
-#[derive(Debug)]
-struct ReturnRouter {
-    state: Mutex<RouterState>,
-}
-
-#[derive(Debug)]
-struct RouterState {
-    rx: kelp_amqp::Returns,
-    ended: bool,
-    waiting: Vec<Waiting>,
-    unclaimed: VecDeque<RawReturn>,
-    user_waker: Option<Waker>,
-    user_taken: bool,
-    next_id: u64,
-}
-
-#[derive(Debug)]
-struct Waiting {
-    id: u64,
-    exchange: String,
-    routing_key: String,
-    message_id: Option<String>,
-    got: Option<RawReturn>,
-}
-
-impl RouterState {
-    fn route(&mut self, r: RawReturn) {
-        let mid = r.properties.message_id.as_ref().map(|m| m.as_str());
-        let slot = self.waiting.iter_mut().find(|w| {
-            w.got.is_none()
-                && w.exchange == r.exchange
-                && w.routing_key == r.routing_key
-                && w.message_id.as_deref() == mid
-        });
-        match slot {
-            Some(w) => w.got = Some(r),
-            None => {
-                self.unclaimed.push_back(r);
-                if let Some(w) = &self.user_waker {
-                    w.wake_by_ref();
-                }
-            }
-        }
-    }
-
-    /// Read everything already queued, registering `cx` (or the user's waker) for more.
-    fn pump(&mut self, cx: Option<&mut Context<'_>>) {
-        let waker = match cx {
-            Some(cx) => cx.waker().clone(),
-            None => self
-                .user_waker
-                .clone()
-                .unwrap_or_else(|| Waker::noop().clone()),
-        };
-        let mut cx = Context::from_waker(&waker);
-        while !self.ended {
-            match Pin::new(&mut self.rx).poll_next(&mut cx) {
-                Poll::Ready(Some(m)) => self.route(RawReturn {
-                    reply_code: m.reply_code,
-                    reply_text: m.reply_text.to_string(),
-                    exchange: m.exchange.to_string(),
-                    routing_key: m.routing_key.to_string(),
-                    properties: m.properties,
-                    body: m.body,
-                }),
-                Poll::Ready(None) => self.ended = true,
-                Poll::Pending => break,
-            }
-        }
-    }
-}
-
-impl ReturnRouter {
-    fn register(&self, exchange: &str, routing_key: &str, message_id: Option<&str>) -> u64 {
-        let Ok(mut s) = self.state.lock() else {
-            return u64::MAX;
-        };
-        s.next_id += 1;
-        let id = s.next_id;
-        s.waiting.push(Waiting {
-            id,
-            exchange: exchange.to_owned(),
-            routing_key: routing_key.to_owned(),
-            message_id: message_id.map(str::to_owned),
-            got: None,
-        });
-        id
-    }
-
-    fn finish(&self, id: u64) -> Option<RawReturn> {
-        let mut s = self.state.lock().ok()?;
-        s.pump(None);
-        let i = s.waiting.iter().position(|w| w.id == id)?;
-        s.waiting.swap_remove(i).got
-    }
-}
-
-/// A publish's wait for its return; forgets itself if the publish is abandoned (cancelled or
-/// timed out), so no later return is routed to it.
-struct Slot<'a> {
-    router: &'a ReturnRouter,
-    id: u64,
-}
-
-impl Drop for Slot<'_> {
-    fn drop(&mut self) {
-        if let Ok(mut s) = self.router.state.lock() {
-            if let Some(i) = s.waiting.iter().position(|w| w.id == self.id) {
-                s.waiting.swap_remove(i);
-            }
-        }
-    }
-}
-
-/// The user's stream of returned messages for one channel.
-#[derive(Debug)]
-pub struct AmqpReturns {
-    router: Arc<ReturnRouter>,
-}
-
-impl Stream for AmqpReturns {
-    type Item = RawReturn;
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<RawReturn>> {
-        let Ok(mut s) = self.router.state.lock() else {
-            return Poll::Ready(None);
-        };
-        s.user_waker = Some(cx.waker().clone());
-        s.pump(Some(cx));
-        match s.unclaimed.pop_front() {
-            Some(r) => Poll::Ready(Some(r)),
-            None if s.ended => Poll::Ready(None),
-            None => Poll::Pending,
-        }
+fn raw_return(m: kelp_amqp::ReturnedMessage) -> RawReturn {
+    RawReturn {
+        reply_code: m.reply_code,
+        reply_text: m.reply_text.to_string(),
+        exchange: m.exchange.to_string(),
+        routing_key: m.routing_key.to_string(),
+        properties: m.properties,
+        body: m.body,
     }
 }
 
@@ -319,31 +159,6 @@ fn kind(name: &str) -> ExchangeKind {
         "topic" => ExchangeKind::Topic,
         "headers" => ExchangeKind::Headers,
         other => ExchangeKind::Custom(other.to_owned()),
-    }
-}
-
-impl Drop for AmqpChannel {
-    /// The last handle is gone, so nobody can settle its deliveries: close the channel so the
-    /// broker requeues them (and frees the channel number) now, not at connection close.
-    fn drop(&mut self) {
-        if self.closed_by_us.load(Ordering::Acquire) || self.ch.is_closed() {
-            return;
-        }
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            let ch = self.ch.clone();
-            rt.spawn(async move {
-                let _ = ch.close().await;
-            });
-        }
-    }
-}
-
-impl AmqpChannel {
-    fn check_open(&self) -> Result<(), Error> {
-        if self.closed_by_us.load(Ordering::Acquire) {
-            return Err(Error::Closed { what: "channel" });
-        }
-        Ok(())
     }
 }
 
@@ -487,49 +302,24 @@ impl TransportChannel for AmqpChannel {
         body: Bytes,
     ) -> BoxFuture<'a, Result<PublishOutcome, Error>> {
         Box::pin(async move {
-            self.check_open()?;
             let opts = PublishOptions {
                 mandatory,
                 immediate: false,
             };
-            let watch = mandatory && self.ch.is_confirm_mode();
-            let one_at_a_time = if watch {
-                Some(self.mandatory.lock().await)
-            } else {
-                None
-            };
-            let slot = if watch {
-                let mid = properties.message_id.as_ref().map(|m| m.as_str());
-                Some(Slot {
-                    router: &self.returns,
-                    id: self.returns.register(exchange, routing_key, mid),
-                })
-            } else {
-                None
-            };
-            let sent = self
+            let confirm = self
                 .ch
                 .basic_publish(exchange, routing_key, opts, properties, body)
-                .await;
-            let confirm = match sent {
-                Ok(c) => c.await,
-                Err(e) => Err(e),
-            };
-            let returned = slot.as_ref().and_then(|s| self.returns.finish(s.id));
-            drop(slot);
-            drop(one_at_a_time);
-            match confirm? {
-                Confirmation::Ack => match returned {
-                    Some(r) => Err(Error::Returned {
-                        reply_code: r.reply_code,
-                        reply_text: r.reply_text,
-                        exchange: r.exchange,
-                        routing_key: r.routing_key,
-                    }),
-                    None => Ok(PublishOutcome::Acked),
-                },
+                .await?;
+            match confirm.await? {
+                Confirmation::Ack => Ok(PublishOutcome::Acked),
                 Confirmation::Nack => Ok(PublishOutcome::Nacked),
                 Confirmation::NotRequested => Ok(PublishOutcome::Sent),
+                Confirmation::Returned(r) => Err(Error::Returned {
+                    reply_code: r.reply_code,
+                    reply_text: r.reply_text.to_string(),
+                    exchange: r.exchange.to_string(),
+                    routing_key: r.routing_key.to_string(),
+                }),
             }
         })
     }
@@ -570,10 +360,7 @@ impl TransportChannel for AmqpChannel {
         Box::pin(async move { Ok(self.ch.basic_cancel(consumer_tag).await?) })
     }
     fn ack(&self, delivery_tag: u64, multiple: bool) -> BoxFuture<'_, Result<(), Error>> {
-        Box::pin(async move {
-            self.check_open()?;
-            Ok(self.ch.basic_ack(delivery_tag, multiple).await?)
-        })
+        Box::pin(async move { Ok(self.ch.basic_ack(delivery_tag, multiple).await?) })
     }
     fn nack(
         &self,
@@ -581,16 +368,10 @@ impl TransportChannel for AmqpChannel {
         multiple: bool,
         requeue: bool,
     ) -> BoxFuture<'_, Result<(), Error>> {
-        Box::pin(async move {
-            self.check_open()?;
-            Ok(self.ch.basic_nack(delivery_tag, multiple, requeue).await?)
-        })
+        Box::pin(async move { Ok(self.ch.basic_nack(delivery_tag, multiple, requeue).await?) })
     }
     fn reject(&self, delivery_tag: u64, requeue: bool) -> BoxFuture<'_, Result<(), Error>> {
-        Box::pin(async move {
-            self.check_open()?;
-            Ok(self.ch.basic_reject(delivery_tag, requeue).await?)
-        })
+        Box::pin(async move { Ok(self.ch.basic_reject(delivery_tag, requeue).await?) })
     }
     fn recover(&self, requeue: bool) -> BoxFuture<'_, Result<(), Error>> {
         Box::pin(async move { Ok(self.ch.basic_recover(requeue).await?) })
@@ -623,22 +404,13 @@ impl TransportChannel for AmqpChannel {
         Box::pin(async move { Ok(self.ch.tx_rollback().await?) })
     }
     fn take_returns(&self) -> Option<mpsc::UnboundedReceiver<RawReturn>> {
-        {
-            let mut s = self.returns.state.lock().ok()?;
-            if s.user_taken {
-                return None;
-            }
-            s.user_taken = true;
-        }
-        // Forward the router's unclaimed returns into a plain channel the caller owns.
+        let mut returns = self.returns.lock().ok()?.take()?;
+        // Forward them, converted, into a plain channel the caller owns; it ends with the
+        // channel.
         let (tx, rx) = mpsc::unbounded_channel();
-        let mut stream = AmqpReturns {
-            router: self.returns.clone(),
-        };
         tokio::spawn(async move {
-            while let Some(r) = std::future::poll_fn(|cx| Pin::new(&mut stream).poll_next(cx)).await
-            {
-                if tx.send(r).is_err() {
+            while let Some(m) = returns.recv().await {
+                if tx.send(raw_return(m)).is_err() {
                     break;
                 }
             }
@@ -646,13 +418,10 @@ impl TransportChannel for AmqpChannel {
         Some(rx)
     }
     fn close(&self) -> BoxFuture<'_, Result<(), Error>> {
-        Box::pin(async move {
-            self.closed_by_us.store(true, Ordering::Release);
-            Ok(self.ch.close().await?)
-        })
+        Box::pin(async move { Ok(self.ch.close().await?) })
     }
     fn is_closed(&self) -> bool {
-        self.closed_by_us.load(Ordering::Acquire) || self.ch.is_closed()
+        self.ch.is_closed()
     }
     fn transport(&self) -> &'static str {
         "amqp"
