@@ -15,6 +15,8 @@ mod decode;
 #[cfg(feature = "kelp")]
 mod kelp_client;
 mod lapin_client;
+#[cfg(feature = "kelp")]
+mod library;
 mod report;
 mod sink;
 
@@ -53,6 +55,8 @@ scenarios (default count):
   rpc       sequential request/reply round trips over two connections, p50/p99          (5000)
   sink      publishes to a fake in-bench server in a child process, no broker          (1000000)
   decode    a recorded stream of deliveries through each client's frame decoder        (1000000)
+  memory    Producer -> memory:// -> Consumer + ack (kelp's full API), beside tokio mpsc   (1000000)
+  library   publish and consume through kelp's Producer/Consumer (raw) vs kelp-amqp alone (100000)
   all       every scenario above in turn
 
 options:
@@ -70,16 +74,20 @@ enum Scenario {
     Rpc,
     Sink,
     Decode,
+    Memory,
+    Library,
 }
 
 impl Scenario {
-    const ALL: [Self; 6] = [
+    const ALL: [Self; 8] = [
         Self::Publish,
         Self::Confirm,
         Self::Consume,
         Self::Rpc,
         Self::Sink,
         Self::Decode,
+        Self::Memory,
+        Self::Library,
     ];
 
     fn name(self) -> &'static str {
@@ -90,14 +98,16 @@ impl Scenario {
             Self::Rpc => "rpc",
             Self::Sink => "sink",
             Self::Decode => "decode",
+            Self::Memory => "memory",
+            Self::Library => "library",
         }
     }
 
     fn default_count(self) -> u64 {
         match self {
-            Self::Publish | Self::Confirm | Self::Consume => 100_000,
+            Self::Publish | Self::Confirm | Self::Consume | Self::Library => 100_000,
             Self::Rpc => 5_000,
-            Self::Sink | Self::Decode => 1_000_000,
+            Self::Sink | Self::Decode | Self::Memory => 1_000_000,
         }
     }
 }
@@ -244,7 +254,9 @@ async fn network_run(client: Client, scenario: Scenario, opts: &Opts) -> BenchRe
         (Client::Amqprs, Scenario::Consume) => amqprs_client::consume(opts).await?,
         (Client::Amqprs, Scenario::Rpc) => amqprs_client::rpc(opts).await?,
         (Client::Amqprs, Scenario::Sink) => amqprs_client::sink(&opts.url, opts.count).await?,
-        (_, Scenario::Decode) => return Err("decode does no I/O".into()),
+        (_, Scenario::Decode | Scenario::Memory | Scenario::Library) => {
+            return Err("not a per-client scenario".into())
+        }
     };
     Ok(Outcome::Done(m))
 }
@@ -257,7 +269,9 @@ async fn kelp_network_run(scenario: Scenario, opts: &Opts) -> BenchResult<Outcom
         Scenario::Consume => kelp_client::consume(opts).await?,
         Scenario::Rpc => kelp_client::rpc(opts).await?,
         Scenario::Sink => kelp_client::sink(&opts.url, opts.count).await?,
-        Scenario::Decode => return Err("decode does no I/O".into()),
+        Scenario::Decode | Scenario::Memory | Scenario::Library => {
+            return Err("not a per-client scenario".into())
+        }
     };
     Ok(Outcome::Done(m))
 }
@@ -306,8 +320,100 @@ fn decode_run(client: Client, stream: &Bytes, count: u64) -> BenchResult<Outcome
     Ok(Outcome::Done(m))
 }
 
+/// Best of `repeat` runs of `f`, under the run timeout.
+fn best_of<F, Fut>(
+    rt: &tokio::runtime::Runtime,
+    repeat: usize,
+    mut f: F,
+) -> BenchResult<Measurement>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = BenchResult<Measurement>>,
+{
+    let mut runs = Vec::with_capacity(repeat);
+    for _ in 0..repeat {
+        let m = rt.block_on(async {
+            match tokio::time::timeout(RUN_TIMEOUT, f()).await {
+                Ok(m) => m,
+                Err(_) => Err(format!("timed out after {RUN_TIMEOUT:?}").into()),
+            }
+        })?;
+        runs.push(m);
+    }
+    Measurement::best(runs).ok_or_else(|| "no runs".into())
+}
+
+/// `memory` and `library`: kelp's own layers against their references.
+#[cfg(feature = "kelp")]
+fn run_library_scenario(
+    rt: &tokio::runtime::Runtime,
+    scenario: Scenario,
+    cfg: &Config,
+    count: u64,
+) -> BenchResult<()> {
+    let opts = Opts {
+        url: cfg.url.clone(),
+        count,
+        window: cfg.window,
+    };
+    let line = |name: &str, m: &Measurement| println!("{}", format_line(scenario.name(), name, m));
+    let overhead = |what: &str, lib: &Measurement, raw: &Measurement| {
+        let pct = |a: f64, b: f64| (a / b - 1.0) * 100.0;
+        println!(
+            "{what}: kelp library vs kelp-amqp: {:+.1}% time/msg, {:+.1}% cpu/msg",
+            pct(raw.msgs_per_sec(), lib.msgs_per_sec()),
+            pct(lib.cpu_us_per_msg(), raw.cpu_us_per_msg())
+        );
+    };
+    match scenario {
+        Scenario::Memory => {
+            // In-process work: one thread, no cross-thread wakeups (for both lines).
+            let local = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let kelp = best_of(&local, cfg.repeat, || library::memory(count))?;
+            let mpsc = best_of(&local, cfg.repeat, || library::mpsc(count))?;
+            line("kelp", &kelp);
+            line("tokio-mpsc", &mpsc);
+            println!("{}", format_ratio("kelp", &kelp, "tokio-mpsc", &mpsc));
+        }
+        _ => {
+            let lib_pub = best_of(rt, cfg.repeat, || library::amqp_publish(&opts))?;
+            let raw_pub = best_of(rt, cfg.repeat, || kelp_client::publish(&opts, false))?;
+            line("kelp-lib-publish", &lib_pub);
+            line("kelp-amqp-publish", &raw_pub);
+            overhead("publish", &lib_pub, &raw_pub);
+            let lib_con = best_of(rt, cfg.repeat, || library::amqp_consume(&opts))?;
+            let raw_con = best_of(rt, cfg.repeat, || kelp_client::consume(&opts))?;
+            line("kelp-lib-consume", &lib_con);
+            line("kelp-amqp-consume", &raw_con);
+            overhead("consume", &lib_con, &raw_con);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "kelp"))]
+fn run_library_scenario(
+    _: &tokio::runtime::Runtime,
+    _: Scenario,
+    _: &Config,
+    _: u64,
+) -> BenchResult<()> {
+    println!("{KELP_NOT_BUILT}");
+    Ok(())
+}
+
 fn run_scenario(rt: &tokio::runtime::Runtime, scenario: Scenario, cfg: &Config) -> BenchResult<()> {
     let count = cfg.count.unwrap_or(scenario.default_count());
+    if matches!(scenario, Scenario::Memory | Scenario::Library) {
+        println!(
+            "# {}: {count} x {MSG_SIZE} B per run, best of {}",
+            scenario.name(),
+            cfg.repeat
+        );
+        return run_library_scenario(rt, scenario, cfg, count);
+    }
     let mut opts = Opts {
         url: cfg.url.clone(),
         count,
@@ -440,7 +546,7 @@ mod tests {
             (Some(10), 3, "amqp://x")
         );
         let all = parse_args(&args("all"))?.ok_or("help")?;
-        assert_eq!(all.scenarios.len(), 6);
+        assert_eq!(all.scenarios.len(), 8);
         assert_eq!(all.clients, Client::ALL);
         assert_eq!(parse_args(&args("--help"))?, None);
         assert!(parse_args(&args("")).is_err());

@@ -489,47 +489,45 @@ impl Producer {
             conn.maybe_declare(&self.channel, d.clone()).await?;
         }
 
-        let once = || {
-            let p = p.clone();
-            let body = body.clone();
-            async move {
-                let fut =
-                    self.channel
-                        .raw()
-                        .publish(exchange, routing_key, options.mandatory, p, body);
-                let limit = match (options.timeout, options.confirm_timeout) {
-                    (Some(a), Some(b)) => Some(a + b),
-                    (a, b) => a.or(b),
-                };
-                let outcome = match limit {
-                    Some(t) => {
-                        tokio::time::timeout(t, fut)
-                            .await
-                            .map_err(|_| Error::Timeout {
-                                what: "the publish to be sent and confirmed",
-                                after: t,
-                            })??
-                    }
-                    None => fut.await?,
-                };
-                match outcome {
-                    PublishOutcome::Nacked => Err(Error::Nacked {
-                        exchange: exchange.to_owned(),
-                        routing_key: routing_key.to_owned(),
-                    }),
-                    PublishOutcome::Acked | PublishOutcome::Sent => Ok(()),
-                }
+        let once = |p: BasicProperties, body: Bytes| async move {
+            let fut = self
+                .channel
+                .raw()
+                .publish(exchange, routing_key, options.mandatory, p, body);
+            let limit = match (options.timeout, options.confirm_timeout) {
+                (Some(a), Some(b)) => Some(a + b),
+                (a, b) => a.or(b),
+            };
+            let outcome = match limit {
+                Some(t) => tokio::time::timeout(t, fut)
+                    .await
+                    .map_err(|_| Error::Timeout {
+                        what: "the publish to be sent and confirmed",
+                        after: t,
+                    })??,
+                None => fut.await?,
+            };
+            match outcome {
+                PublishOutcome::Nacked => Err(Error::Nacked {
+                    exchange: exchange.to_owned(),
+                    routing_key: routing_key.to_owned(),
+                }),
+                PublishOutcome::Acked | PublishOutcome::Sent => Ok(()),
             }
         };
         if options.retry {
             options
                 .retry_policy
-                .run(once, |e, wait| {
-                    tracing::warn!(error = %e, ?wait, "publish failed; retrying");
-                })
+                .run(
+                    || once(p.clone(), body.clone()),
+                    |e, wait| {
+                        tracing::warn!(error = %e, ?wait, "publish failed; retrying");
+                    },
+                )
                 .await
         } else {
-            once().await
+            // No retry: no copy of the properties or body.
+            once(p, body).await
         }
     }
 }

@@ -15,7 +15,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures_core::Stream;
-use kelp_amqp::{BasicProperties, FieldTable};
+use kelp_amqp::{BasicProperties, FieldTable, ShortString};
 use tokio::sync::mpsc;
 use tokio::time::Sleep;
 
@@ -52,7 +52,7 @@ struct State {
     /// Idle consumers: id → (queue, session, waker).
     waiters: HashMap<u64, (Arc<str>, SessionId, Waker)>,
     /// Consumers the broker cancelled (their queue was deleted).
-    cancelled: HashMap<(SessionId, String), Arc<str>>,
+    cancelled: HashMap<(SessionId, ShortString), Arc<str>>,
     /// Returned messages per session (no consumer of the returns yet: kept until taken).
     returns: HashMap<SessionId, mpsc::UnboundedSender<RawReturn>>,
     next_waiter: u64,
@@ -96,7 +96,7 @@ impl State {
                     queue,
                 } => {
                     self.cancelled
-                        .insert((session, consumer_tag.to_string()), queue.clone());
+                        .insert((session, consumer_tag.clone()), queue.clone());
                     self.wake_queue(&queue, out);
                 }
                 Notice::QueueDeleted(q) => self.wake_queue(&q, out),
@@ -481,7 +481,7 @@ impl TransportChannel for MemoryChannel {
         let session = self.session;
         ready(
             self.run(|s, _| s.broker.get(session, queue, no_ack, now_ms()))
-                .map(|d| d.map(|d| raw(d, ""))),
+                .map(|d| d.map(|d| raw(d, &ShortString::empty()))),
         )
     }
     fn consume<'a>(
@@ -505,7 +505,7 @@ impl TransportChannel for MemoryChannel {
             let stream: DeliveryStream = Box::pin(MemoryConsumer {
                 shared: self.shared.clone(),
                 session,
-                tag: tag.to_string(),
+                tag: tag.clone(),
                 queue: Arc::from(queue),
                 id,
                 buf: VecDeque::new(),
@@ -520,7 +520,7 @@ impl TransportChannel for MemoryChannel {
         let session = self.session;
         ready(self.run(|s, w| {
             s.cancelled
-                .insert((session, consumer_tag.to_owned()), Arc::from(""));
+                .insert((session, ShortString::from(consumer_tag)), Arc::from(""));
             s.wake_session(session, w);
             s.broker.cancel(session, consumer_tag, now_ms()).map(drop)
         }))
@@ -617,13 +617,13 @@ impl TransportChannel for MemoryChannel {
     }
 }
 
-fn raw(d: vb::Delivery, consumer_tag: &str) -> RawDelivery {
+fn raw(d: vb::Delivery, consumer_tag: &ShortString) -> RawDelivery {
     RawDelivery {
         delivery_tag: d.delivery_tag,
         redelivered: d.redelivered,
         exchange: d.message.exchange.clone(),
         routing_key: d.message.routing_key.clone(),
-        consumer_tag: consumer_tag.into(),
+        consumer_tag: consumer_tag.clone(),
         properties: d.message.properties.clone(),
         body: d.message.body.clone(),
     }
@@ -634,7 +634,8 @@ fn raw(d: vb::Delivery, consumer_tag: &str) -> RawDelivery {
 struct MemoryConsumer {
     shared: Arc<Shared>,
     session: SessionId,
-    tag: String,
+    /// Cloned into every delivery: a refcount, not an allocation.
+    tag: ShortString,
     queue: Arc<str>,
     id: u64,
     buf: VecDeque<RawDelivery>,
@@ -669,7 +670,12 @@ impl Stream for MemoryConsumer {
         let tag = this.tag.clone();
         let scratch = &mut this.scratch;
         let step = with_state(&this.shared, |s, wake| {
-            if let Some(q) = s.cancelled.remove(&(session, tag.clone())) {
+            let cancelled = if s.cancelled.is_empty() {
+                None
+            } else {
+                s.cancelled.remove(&(session, tag.clone()))
+            };
+            if let Some(q) = cancelled {
                 s.waiters.remove(&id);
                 return if q.is_empty() {
                     Step::Ended
@@ -730,7 +736,7 @@ impl Stream for MemoryConsumer {
             Ok(Step::Cancelled(q)) => {
                 this.done = true;
                 Poll::Ready(Some(Err(Error::ConsumerCancelled {
-                    consumer_tag: this.tag.clone(),
+                    consumer_tag: this.tag.to_string(),
                     queue: q.to_string(),
                 })))
             }
