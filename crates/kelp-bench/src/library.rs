@@ -3,7 +3,7 @@
 //! against kelp-amqp alone.
 
 use bytes::Bytes;
-use kelp::{Connection, Consumer, Producer, PublishOptions, Queue};
+use kelp::{Connection, Consumer, DeliveryMode, Producer, PublishOptions, Queue};
 
 use crate::report::{Measurement, Timer};
 use crate::{fresh_queue_name, BenchResult, Opts, PAYLOAD, POLL_INTERVAL, PREFETCH};
@@ -83,6 +83,10 @@ pub async fn mpsc(count: u64) -> BenchResult<Measurement> {
     Ok(m)
 }
 
+fn transient() -> PublishOptions {
+    PublishOptions::default().delivery_mode(DeliveryMode::Transient)
+}
+
 /// Polls a passive declare until the broker reports `count` messages.
 async fn wait_enqueued(ch: &kelp::Channel, queue: &str, count: u64) -> BenchResult<()> {
     loop {
@@ -109,15 +113,16 @@ pub async fn amqp_publish(opts: &Opts) -> BenchResult<Measurement> {
     let conn = Connection::open(&opts.url).await?;
     let ch = conn.channel().await?;
     let queue = fresh_queue_name("kelp-lib", "publish");
-    ch.declare_queue(Queue::new(queue.as_str())).await?;
+    // The same work as kelp_client: a non-durable queue, transient messages (Kombu's
+    // defaults, durable + persistent, would make the broker write to disk).
+    ch.declare_queue(Queue::new(queue.as_str()).durable(false))
+        .await?;
     let producer = Producer::new(&ch)
         .routing_key(queue.as_str())
         .serializer("raw");
     let timer = Timer::start()?;
     for _ in 0..opts.count {
-        producer
-            .publish(payload(), PublishOptions::default())
-            .await?;
+        producer.publish(payload(), transient()).await?;
     }
     wait_enqueued(&ch, &queue, opts.count).await?;
     let m = timer.stop(opts.count)?;
@@ -132,12 +137,11 @@ pub async fn amqp_consume(opts: &Opts) -> BenchResult<Measurement> {
     let conn = Connection::open(&opts.url).await?;
     let ch = conn.channel().await?;
     let queue = fresh_queue_name("kelp-lib", "consume");
-    ch.declare_queue(Queue::new(queue.as_str())).await?;
+    ch.declare_queue(Queue::new(queue.as_str()).durable(false))
+        .await?;
     let producer = Producer::new(&ch).routing_key(queue.as_str());
     for _ in 0..opts.count {
-        producer
-            .publish(payload(), PublishOptions::default())
-            .await?;
+        producer.publish(payload(), transient()).await?;
     }
     wait_enqueued(&ch, &queue, opts.count).await?;
     let cch = conn.channel().await?;
