@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use kelp_amqp::{BasicProperties, FieldTable, FieldValue};
+use kelp_amqp::{BasicProperties, FieldTable, FieldValue, ShortString};
 use serde::Serialize;
 
 use crate::channel::Channel;
@@ -372,8 +372,8 @@ impl Producer {
         let name = options.serializer.as_deref().unwrap_or(&self.serializer);
         let codec = self.channel.codec();
         let enc = codec.registry.encode(name, value)?;
-        let ct = enc.content_type.to_string();
-        let ce = enc.content_encoding.to_string();
+        let ct = static_or_owned(enc.content_type);
+        let ce = static_or_owned(enc.content_encoding);
         self.publish_encoded(enc.body, ct, ce, options).await
     }
 
@@ -394,22 +394,23 @@ impl Producer {
             Body::Raw(b) => (b, "application/data", "binary"),
             Body::Text(s) => (Bytes::from(s), "text/plain", "utf-8"),
         };
-        let ct = options
-            .content_type
-            .clone()
-            .unwrap_or_else(|| ct.to_owned());
-        let ce = options
-            .content_encoding
-            .clone()
-            .unwrap_or_else(|| ce.to_owned());
+        // The defaults are static strings: no allocation per publish.
+        let ct = match &options.content_type {
+            Some(c) => ShortString::from(c.as_str()),
+            None => ShortString::from_static(ct),
+        };
+        let ce = match &options.content_encoding {
+            Some(c) => ShortString::from(c.as_str()),
+            None => ShortString::from_static(ce),
+        };
         self.publish_encoded(body, ct, ce, options).await
     }
 
     async fn publish_encoded(
         &self,
         body: Bytes,
-        content_type: String,
-        content_encoding: String,
+        content_type: ShortString,
+        content_encoding: ShortString,
         options: PublishOptions,
     ) -> Result<(), Error> {
         if options.immediate {
@@ -434,8 +435,8 @@ impl Producer {
             .or(self.exchange.delivery_mode)
             .unwrap_or(DeliveryMode::Persistent);
         let mut p = BasicProperties::default()
-            .with_content_type(content_type.as_str())
-            .with_content_encoding(content_encoding.as_str())
+            .with_content_type(content_type)
+            .with_content_encoding(content_encoding)
             .with_delivery_mode(mode as u8)
             .with_headers(headers);
         if let Some(v) = options.priority {
@@ -529,5 +530,12 @@ impl Producer {
             // No retry: no copy of the properties or body.
             once(p, body).await
         }
+    }
+}
+
+fn static_or_owned(s: std::borrow::Cow<'static, str>) -> ShortString {
+    match s {
+        std::borrow::Cow::Borrowed(s) => ShortString::from_static(s),
+        std::borrow::Cow::Owned(s) => ShortString::from(s),
     }
 }
