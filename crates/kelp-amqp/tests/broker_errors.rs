@@ -691,3 +691,60 @@ async fn message_over_max_message_size_is_a_protocol_error() {
         .unwrap();
     conn.close().await.unwrap();
 }
+
+/// A publish that AMQP cannot carry (a short string over 255 bytes) is refused at the call with
+/// a clear error — without confirms nobody could be told later — and the channel stays usable.
+#[tokio::test]
+async fn unencodable_publish_is_refused_at_the_call() {
+    require_rabbitmq!("unencodable_publish_is_refused_at_the_call");
+    let conn = connect().await;
+    let ch = chan(&conn).await;
+    let q = ch
+        .queue_declare("", excl(), FieldTable::new())
+        .await
+        .unwrap()
+        .queue;
+    let long = "k".repeat(300);
+    let err = ch
+        .basic_publish(
+            "",
+            &long,
+            PublishOptions::default(),
+            BasicProperties::default(),
+            "x",
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Encode(_)), "{err:?}");
+    assert!(err.to_string().contains("255"), "{err}");
+    let mut headers = FieldTable::new();
+    headers.insert(long.as_str(), "v");
+    let err = ch
+        .basic_publish(
+            "",
+            &q,
+            PublishOptions::default(),
+            BasicProperties::default().with_headers(headers),
+            "x",
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Encode(_)), "{err:?}");
+    // Nothing was half-sent: the channel still works and the queue got nothing.
+    ch.basic_publish(
+        "",
+        &q,
+        PublishOptions::default(),
+        BasicProperties::default(),
+        "ok",
+    )
+    .await
+    .unwrap();
+    let got = common::within("basic.get", LIMIT, ch.basic_get(&q, true))
+        .await
+        .unwrap()
+        .expect("the valid publish arrives");
+    assert_eq!(&got.delivery.body[..], b"ok");
+    assert!(!ch.is_closed());
+    conn.close().await.unwrap();
+}

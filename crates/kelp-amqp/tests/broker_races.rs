@@ -123,7 +123,10 @@ async fn run_probed<F: Future>(
     let deadline = tokio::time::Instant::now() + LIMIT;
     loop {
         if let Poll::Ready(out) = fut.as_mut().poll(&mut Context::from_waker(&waker)) {
-            let seen = p.seen.lock().unwrap().clone();
+            // Completed on this poll, maybe without a wake at all (the answer was already
+            // there): record what the caller finds now, too.
+            let mut seen = p.seen.lock().unwrap().clone();
+            seen.push((p.probe)());
             return (out, seen);
         }
         tokio::time::timeout_at(deadline, p.notify.notified())

@@ -477,6 +477,21 @@ impl Producer {
 
         let exchange = options.exchange.as_deref().unwrap_or(&self.exchange.name);
         let routing_key = options.routing_key.as_deref().unwrap_or(&self.routing_key);
+        // Every transport carries AMQP's limits (255-byte short strings): refuse here, with
+        // the reason, rather than lose the message later.
+        let invalid = |reason: String| Error::InvalidArgument {
+            what: "message to publish",
+            reason,
+        };
+        for (name, s) in [("exchange", exchange), ("routing key", routing_key)] {
+            if s.len() > 255 {
+                return Err(invalid(format!(
+                    "{name} of {} bytes exceeds AMQP's 255-byte limit",
+                    s.len()
+                )));
+            }
+        }
+        p.check_encodable().map_err(|e| invalid(e.to_string()))?;
         let conn = self.channel.connection();
         if self.auto_declare
             && options.exchange.is_none()

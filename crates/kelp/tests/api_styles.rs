@@ -512,3 +512,39 @@ async fn amqp_heartbeat_option_and_broker_close_reach_the_user() {
     assert!(why.to_string().contains("kelp on_close test"), "{why}");
     assert!(conn.is_closed());
 }
+
+on_every_transport!(
+    values_amqp_cannot_carry_are_typed_errors,
+    |url: String| async move {
+        let conn = Connection::open(&url).await.unwrap();
+        let ch = conn.channel().await.unwrap();
+        let q = ch
+            .declare_queue(Queue::new(unique("long")).auto_delete(true))
+            .await
+            .unwrap();
+        let long = "x".repeat(300);
+        // A short string (content type, routing key) holds at most 255 bytes in AMQP 0-9-1.
+        let p = Producer::new(&ch);
+        let err = p
+            .publish(
+                "body",
+                PublishOptions::default()
+                    .routing_key(q.name.as_str())
+                    .content_type(long.as_str()),
+            )
+            .await
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("255") || text.contains("long"), "{text}");
+        let ch = conn.channel().await.unwrap();
+        let err = Producer::new(&ch)
+            .publish("body", PublishOptions::default().routing_key(long.as_str()))
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("255") || err.to_string().contains("long"),
+            "{err}"
+        );
+        conn.close().await.unwrap();
+    }
+);

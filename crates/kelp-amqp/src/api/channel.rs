@@ -534,6 +534,19 @@ impl Channel {
         body: impl Into<Bytes>,
     ) -> Result<PublishConfirm, Error> {
         self.check()?;
+        // Refuse what cannot be encoded here, where the caller hears it: inside the
+        // connection a publish without confirms has nobody to tell.
+        for s in [exchange, routing_key] {
+            if s.len() > 255 {
+                return Err(Error::Encode(
+                    crate::codec::EncodeError::ShortStringTooLong {
+                        len: s.len(),
+                        preview: s.chars().take(32).collect(),
+                    },
+                ));
+            }
+        }
+        properties.check_encodable()?;
         let (confirm, wait) = if self.h.shared.confirm.load(Ordering::Relaxed) {
             let (tx, rx) = oneshot::channel();
             (

@@ -3,7 +3,7 @@
 use bytes::Bytes;
 
 use super::error::{DecodeError, EncodeError};
-use super::field::{FieldTable, ShortString};
+use super::field::{FieldTable, FieldValue, ShortString};
 use super::wire::{Reader, Writer};
 
 /// The properties of a message (the `basic` class content header).
@@ -249,5 +249,71 @@ impl ContentHeader {
         w.u16(0);
         w.u64(self.body_size);
         self.properties.write(w)
+    }
+}
+
+fn short_ok(s: &str) -> Result<(), EncodeError> {
+    if s.len() > 255 {
+        return Err(EncodeError::ShortStringTooLong {
+            len: s.len(),
+            preview: s.chars().take(32).collect(),
+        });
+    }
+    Ok(())
+}
+
+fn table_ok(t: &FieldTable, depth: usize) -> Result<(), EncodeError> {
+    for (k, v) in t.iter() {
+        short_ok(k)?;
+        value_ok(v, depth)?;
+    }
+    Ok(())
+}
+
+fn value_ok(v: &FieldValue, depth: usize) -> Result<(), EncodeError> {
+    // Deeper than this is refused by the decoder anyway; not worth walking.
+    if depth > 64 {
+        return Ok(());
+    }
+    match v {
+        FieldValue::Table(t) => table_ok(t, depth + 1),
+        FieldValue::Array(items) => items.iter().try_for_each(|i| value_ok(i, depth + 1)),
+        _ => Ok(()),
+    }
+}
+
+impl BasicProperties {
+    /// Check that every short-string field (and header key) fits AMQP's 255-byte limit,
+    /// so a publish can be refused up front with a clear error instead of failing inside
+    /// the connection.
+    ///
+    /// ```
+    /// use kelp_amqp::BasicProperties;
+    /// assert!(BasicProperties::default().with_content_type("text/plain").check_encodable().is_ok());
+    /// let long = "x".repeat(300);
+    /// assert!(BasicProperties::default().with_content_type(long.as_str()).check_encodable().is_err());
+    /// ```
+    pub fn check_encodable(&self) -> Result<(), EncodeError> {
+        for s in [
+            &self.content_type,
+            &self.content_encoding,
+            &self.correlation_id,
+            &self.reply_to,
+            &self.expiration,
+            &self.message_id,
+            &self.kind,
+            &self.user_id,
+            &self.app_id,
+            &self.cluster_id,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            short_ok(s)?;
+        }
+        match &self.headers {
+            Some(h) => table_ok(h, 0),
+            None => Ok(()),
+        }
     }
 }
