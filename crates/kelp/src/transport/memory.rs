@@ -493,8 +493,10 @@ impl TransportChannel for MemoryChannel {
         let opts = vb::ConsumeOptions {
             no_ack: spec.no_ack,
             exclusive: spec.exclusive,
+            priority: 0,
         };
         let r = self.run(|s, _| {
+            let opts = opts.with_arguments(queue, &spec.arguments)?;
             let tag = s
                 .broker
                 .consume(session, queue, &spec.tag, opts, now_ms())?;
@@ -688,21 +690,14 @@ impl Stream for MemoryConsumer {
                 s.broker.expire(now);
             }
             scratch.clear();
-            // A queue shared by several consumers is dealt out one message at a time, so
-            // they take turns as RabbitMQ's round-robin has them; a lone consumer takes a
-            // batch per lock.
-            let shared = s
-                .broker
-                .queue_info(&queue)
-                .is_some_and(|q| q.consumer_count > 1);
-            let max = if shared { 1 } else { BATCH };
-            match s
-                .broker
-                .drain_for_consumer(session, &tag, max, now, scratch)
-            {
-                Ok(n) if n > 0 => {
+            // A queue shared by consumers of equal standing is dealt out one message at a
+            // time, so they take turns as RabbitMQ's round-robin has them; a lone consumer (or
+            // the single active one, or the only one of the highest priority) takes a batch
+            // per lock.
+            match s.broker.take_turn(session, &tag, BATCH, now, scratch) {
+                Ok(turn) if turn.taken > 0 => {
                     s.waiters.remove(&id);
-                    if shared {
+                    if turn.wake_others {
                         // Let the idle ones have the next.
                         s.wake_queue(&queue, wake);
                     }

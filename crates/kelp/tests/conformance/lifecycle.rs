@@ -31,9 +31,7 @@ conformance_tests! {
     queue_names_server_generated_and_reserved,
     exclusive_queue_refuses_other_connections,
     auto_delete_queue_without_consumers_stays,
-    #[known_bug(memory; "BUG: virtual_broker ignores x-single-active-consumer")]
     single_active_consumer,
-    #[known_bug(memory; "BUG: memory/virtual_broker ignore consumer priority (x-priority)")]
     consumer_priority_prefers_higher,
     waiting_consumers_share_round_robin,
     closing_the_connection_requeues_unacked,

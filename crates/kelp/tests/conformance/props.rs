@@ -29,7 +29,6 @@ conformance_tests! {
     properties_round_trip,
     publish_defaults_match_kombu,
     immediate_is_refused,
-    #[known_bug(memory; "BUG: virtual_broker drops TTL-0 messages a waiting consumer should get")]
     expiration_zero_reaches_only_a_ready_consumer,
     max_length_bytes_drops_head,
     queue_expires_when_unused,

@@ -28,13 +28,49 @@ pub struct QueueOptions {
     pub auto_delete: bool,
 }
 
-/// The flags of basic.consume.
+/// The flags and arguments of basic.consume.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ConsumeOptions {
     /// Deliveries need no ack (and are not limited by prefetch).
     pub no_ack: bool,
     /// No other consumer may use the queue while this one exists.
     pub exclusive: bool,
+    /// Consumer priority (`x-priority`; 0 by default, negative allowed). A queue's messages go
+    /// to its highest-priority consumers that have prefetch room (round-robin among equals);
+    /// lower ones get messages only while every higher one is blocked.
+    pub priority: i64,
+}
+
+impl ConsumeOptions {
+    /// Apply the basic.consume `arguments` for `queue` (the name is for error messages):
+    /// `x-priority` must be an integer (PRECONDITION_FAILED otherwise). Others are ignored.
+    pub fn with_arguments(
+        mut self,
+        queue: &str,
+        arguments: &FieldTable,
+    ) -> Result<Self, BrokerError> {
+        if let Some(v) = arguments.get("x-priority") {
+            self.priority = v.as_i64().ok_or_else(|| {
+                BrokerError::invalid_arg(
+                    EntityKind::Queue,
+                    queue,
+                    "x-priority",
+                    format!("expected an integer, got {v:?}"),
+                )
+            })?;
+        }
+        Ok(self)
+    }
+}
+
+/// What [`VirtualBroker::take_turn`] handed out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Turn {
+    /// Deliveries appended.
+    pub taken: usize,
+    /// Messages are left that other consumers of the queue might take now (an equal-priority
+    /// one, or a lower one if this one is now blocked): wake them.
+    pub wake_others: bool,
 }
 
 /// The answer to queue.declare.
@@ -123,7 +159,14 @@ struct QueueState {
     exclusive_owner: Option<OwnerId>,
     arguments: FieldTable,
     store: MessageQueue,
-    consumers: u32,
+    /// Its consumers in the order they started.
+    consumers: Vec<ConsumerRef>,
+    /// Every consumer has the same priority (no priority checks needed).
+    uniform_priority: bool,
+    /// With `x-single-active-consumer`: the one consumer that gets messages.
+    active: Option<(SessionId, u64)>,
+    /// Where the search for a consumer to push to starts (round-robin), in `consumers`.
+    next_turn: usize,
     exclusive_consumer: bool,
     last_used_ms: u64,
     /// Listed in `VirtualBroker::timed`.
@@ -147,7 +190,211 @@ impl QueueState {
 
     fn expires_deadline(&self) -> Option<u64> {
         let e = self.store.args().expires?;
-        (self.consumers == 0).then(|| self.last_used_ms.saturating_add(e))
+        self.consumers
+            .is_empty()
+            .then(|| self.last_used_ms.saturating_add(e))
+    }
+
+    fn consumer_count(&self) -> u32 {
+        count_u32(self.consumers.len())
+    }
+
+    fn single_active(&self) -> bool {
+        self.store.args().single_active_consumer
+    }
+
+    fn add_consumer(&mut self, c: ConsumerRef) {
+        if self.single_active() && self.active.is_none() {
+            self.active = Some((c.session, c.id));
+        }
+        self.uniform_priority &= self
+            .consumers
+            .first()
+            .is_none_or(|f| f.priority == c.priority);
+        self.consumers.push(c);
+    }
+
+    fn remove_consumer(&mut self, session: SessionId, id: u64) {
+        let Some(pos) = self
+            .consumers
+            .iter()
+            .position(|c| c.session == session && c.id == id)
+        else {
+            return;
+        };
+        self.consumers.remove(pos);
+        if self.next_turn > pos {
+            self.next_turn -= 1;
+        }
+        self.uniform_priority = self
+            .consumers
+            .windows(2)
+            .all(|w| w.first().map(|c| c.priority) == w.last().map(|c| c.priority));
+        if self.active == Some((session, id)) {
+            // As RabbitMQ's classic queues: the highest-priority consumer left takes over,
+            // the earliest started among equals.
+            let mut next: Option<&ConsumerRef> = None;
+            for c in &self.consumers {
+                if next.is_none_or(|n| c.priority > n.priority) {
+                    next = Some(c);
+                }
+            }
+            self.active = next.map(|c| (c.session, c.id));
+        }
+    }
+
+    /// How consumer `id` of `session` (with `priority`) stands on this queue now.
+    fn claim(
+        &self,
+        sessions: &HashMap<SessionId, Session>,
+        session: SessionId,
+        id: u64,
+        priority: i64,
+    ) -> Claim {
+        if self.single_active() {
+            return Claim {
+                eligible: self.active == Some((session, id)),
+                peers: false,
+                others: false,
+            };
+        }
+        let shared = self.consumers.len() > 1;
+        if self.uniform_priority {
+            return Claim {
+                eligible: true,
+                peers: shared,
+                others: shared,
+            };
+        }
+        let mut claim = Claim {
+            eligible: true,
+            peers: false,
+            others: false,
+        };
+        for c in &self.consumers {
+            if c.session == session && c.id == id {
+                continue;
+            }
+            match c.priority.cmp(&priority) {
+                Ordering::Greater => {
+                    if claim.eligible && has_room(sessions, c) {
+                        claim.eligible = false;
+                    }
+                }
+                Ordering::Equal => {
+                    claim.peers = true;
+                    claim.others = true;
+                }
+                Ordering::Less => claim.others = true,
+            }
+        }
+        claim
+    }
+
+    /// The consumer RabbitMQ would push a message to now, as an index into `consumers`: the
+    /// single active consumer, or the highest-priority consumer with room (round-robin among
+    /// equals); `None` when none has room.
+    fn pick(&self, sessions: &HashMap<SessionId, Session>) -> Option<usize> {
+        if self.single_active() {
+            let i = self
+                .consumers
+                .iter()
+                .position(|c| Some((c.session, c.id)) == self.active)?;
+            return self
+                .consumers
+                .get(i)
+                .is_some_and(|c| has_room(sessions, c))
+                .then_some(i);
+        }
+        let n = self.consumers.len();
+        let mut best: Option<(i64, usize)> = None;
+        for k in 0..n {
+            let i = (self.next_turn + k) % n;
+            let Some(c) = self.consumers.get(i) else {
+                continue;
+            };
+            if best.is_some_and(|(p, _)| c.priority <= p) {
+                continue;
+            }
+            if has_room(sessions, c) {
+                best = Some((c.priority, i));
+            }
+        }
+        best.map(|(_, i)| i)
+    }
+}
+
+/// A consumer as its queue lists it.
+#[derive(Debug, Clone, Copy)]
+struct ConsumerRef {
+    session: SessionId,
+    id: u64,
+    priority: i64,
+}
+
+/// How a consumer stands on its queue at a moment.
+#[derive(Debug, Clone, Copy)]
+struct Claim {
+    /// It may take messages: it is the single active consumer, or no consumer of a higher
+    /// priority has room.
+    eligible: bool,
+    /// Another consumer has the same claim (same priority, no single active consumer).
+    peers: bool,
+    /// Another consumer could take what it leaves (one of equal or lower priority).
+    others: bool,
+}
+
+/// True when consumer `c` could take a message now (its prefetch limits allow).
+fn has_room(sessions: &HashMap<SessionId, Session>, c: &ConsumerRef) -> bool {
+    sessions.get(&c.session).is_some_and(|s| {
+        s.consumer_by_id(c.id)
+            .is_some_and(|i| s.consumer_has_credit(i))
+    })
+}
+
+/// Deliver `m` to consumer `i` of `q` at once (tracked on its session, waiting in its
+/// `pending` until it takes it). Gives the message back if that consumer is gone.
+fn hand(
+    q: &mut QueueState,
+    sessions: &mut HashMap<SessionId, Session>,
+    i: usize,
+    m: QueuedMessage,
+) -> Option<QueuedMessage> {
+    let target = q.consumers.get(i).and_then(|c| {
+        let s = sessions.get_mut(&c.session)?;
+        let ci = s.consumer_by_id(c.id)?;
+        Some((s, ci))
+    });
+    let Some((s, ci)) = target else {
+        return Some(m);
+    };
+    let no_ack = s.consumers.get(ci).is_some_and(|c| c.no_ack);
+    let d = deliver(s, q, m, no_ack, Some(ci));
+    if let Some(c) = s.consumers.get_mut(ci) {
+        c.pending.push_back(d);
+    }
+    q.next_turn = i + 1;
+    None
+}
+
+/// Hand `q`'s ready messages to its consumers while they have room, as RabbitMQ's push would
+/// have by now. Returns a consumer (index into `q.consumers`) that still has room once nothing
+/// is left ready, if any. Expired messages met are appended to `expired`.
+fn dispatch(
+    q: &mut QueueState,
+    sessions: &mut HashMap<SessionId, Session>,
+    now_ms: u64,
+    expired: &mut Vec<QueuedMessage>,
+) -> Option<usize> {
+    loop {
+        let i = q.pick(sessions)?;
+        let Some(m) = q.store.pop(now_ms, expired) else {
+            return Some(i);
+        };
+        if let Some(m) = hand(q, sessions, i, m) {
+            q.store.requeue(m);
+            return None;
+        }
     }
 }
 
@@ -390,7 +637,7 @@ impl VirtualBroker {
             return Ok(QueueDeclareOk {
                 queue: q.name.clone(),
                 message_count: count_u32(q.store.len()),
-                consumer_count: q.consumers,
+                consumer_count: q.consumer_count(),
             });
         }
         if options.passive {
@@ -426,7 +673,10 @@ impl VirtualBroker {
             exclusive_owner: options.exclusive.then_some(owner),
             arguments: arguments.clone(),
             store: MessageQueue::new(args),
-            consumers: 0,
+            consumers: Vec::new(),
+            uniform_priority: true,
+            active: None,
+            next_turn: 0,
             exclusive_consumer: false,
             last_used_ms: now_ms,
             timed: false,
@@ -518,7 +768,7 @@ impl VirtualBroker {
             return Ok(0);
         };
         q.check_owner(owner)?;
-        if if_unused && q.consumers > 0 {
+        if if_unused && !q.consumers.is_empty() {
             return Err(BrokerError::InUse {
                 kind: EntityKind::Queue,
                 name: queue.to_owned(),
@@ -538,7 +788,7 @@ impl VirtualBroker {
         if q.timed {
             self.timed.remove(name);
         }
-        if q.consumers > 0 {
+        if !q.consumers.is_empty() {
             for (sid, s) in self.sessions.iter_mut() {
                 let notices = &mut self.notices;
                 s.consumers.retain(|c| {
@@ -569,7 +819,7 @@ impl VirtualBroker {
             arguments: q.arguments.clone(),
             message_count: count_u32(q.store.len()),
             message_bytes: q.store.bytes() as u64,
-            consumer_count: q.consumers,
+            consumer_count: q.consumer_count(),
         })
     }
 
@@ -652,6 +902,10 @@ impl VirtualBroker {
     }
 
     /// Push `message` into each of `routed`; refusals move from `routed` to `rejected`.
+    ///
+    /// A message whose TTL in a queue is 0 goes straight to a consumer with room, as RabbitMQ
+    /// delivers it (after the ready messages ahead of it, which such consumers are handed
+    /// first); when none can take it, it expires on arrival (or when it reaches the head).
     fn enqueue(
         &mut self,
         routed: &mut RoutedQueues,
@@ -665,8 +919,45 @@ impl VirtualBroker {
             let Some(q) = self.queues.get_mut(&**name) else {
                 continue;
             };
+            let ttl0 = q.store.effective_ttl(ttl) == Some(0);
+            if ttl0 && !q.consumers.is_empty() {
+                let target = dispatch(q, &mut self.sessions, now_ms, &mut self.scratch);
+                if !self.scratch.is_empty() {
+                    schedule_dead(
+                        &mut self.pending_dead,
+                        q,
+                        &mut self.scratch,
+                        DeathReason::Expired,
+                    );
+                }
+                if let Some(i) = target.filter(|_| !q.store.would_reject(message)) {
+                    let m = q.store.admit(message, ttl, now_ms);
+                    if hand(q, &mut self.sessions, i, m).is_none() {
+                        continue;
+                    }
+                }
+            }
             match q.store.push(message, ttl, now_ms, &mut self.scratch) {
                 PushOutcome::Enqueued => {
+                    if !self.scratch.is_empty() {
+                        schedule_dead(
+                            &mut self.pending_dead,
+                            q,
+                            &mut self.scratch,
+                            DeathReason::Maxlen,
+                        );
+                    }
+                    if ttl0 {
+                        q.store.expire(now_ms, &mut self.scratch);
+                        if !self.scratch.is_empty() {
+                            schedule_dead(
+                                &mut self.pending_dead,
+                                q,
+                                &mut self.scratch,
+                                DeathReason::Expired,
+                            );
+                        }
+                    }
                     if !q.timed && q.store.has_expiring() {
                         q.timed = true;
                         self.timed.insert(q.name.clone());
@@ -682,16 +973,14 @@ impl VirtualBroker {
                             priority: 0,
                             seq: 0,
                         });
+                        schedule_dead(
+                            &mut self.pending_dead,
+                            q,
+                            &mut self.scratch,
+                            DeathReason::Maxlen,
+                        );
                     }
                 }
-            }
-            if !self.scratch.is_empty() {
-                schedule_dead(
-                    &mut self.pending_dead,
-                    q,
-                    &mut self.scratch,
-                    DeathReason::Maxlen,
-                );
             }
         }
         if rejected.len() > before {
@@ -771,7 +1060,7 @@ impl VirtualBroker {
         let n = self.requeue(&mut settled);
         self.settled = settled;
         for c in s.consumers.drain(..) {
-            self.release_consumer(&c, now_ms);
+            self.release_consumer(session, &c, now_ms);
         }
         Ok(n)
     }
@@ -801,12 +1090,6 @@ impl VirtualBroker {
         mine
     }
 
-    fn session(&mut self, session: SessionId) -> Result<&mut Session, BrokerError> {
-        self.sessions
-            .get_mut(&session)
-            .ok_or(BrokerError::UnknownSession { session: session.0 })
-    }
-
     /// basic.qos. With `global = false` (RabbitMQ's meaning) `prefetch_count` limits each
     /// consumer started afterwards; with `global = true` it limits the unacked consumer
     /// deliveries of the whole session. 0 = unlimited. basic.get ignores both.
@@ -816,9 +1099,17 @@ impl VirtualBroker {
         prefetch_count: u16,
         global: bool,
     ) -> Result<(), BrokerError> {
-        let s = self.session(session)?;
+        let s = self
+            .sessions
+            .get_mut(&session)
+            .ok_or(BrokerError::UnknownSession { session: session.0 })?;
         if global {
             s.global_prefetch = prefetch_count;
+            // Its consumers' room changed: on a queue with consumer priorities, others may now
+            // be the ones to take messages.
+            for c in &s.consumers {
+                self.notices.push(Notice::QueueReady(c.queue.clone()));
+            }
         } else {
             s.prefetch = prefetch_count;
         }
@@ -845,7 +1136,10 @@ impl VirtualBroker {
             .get_mut(queue)
             .ok_or_else(|| BrokerError::not_found(EntityKind::Queue, queue))?;
         q.check_owner(s.owner)?;
-        if q.exclusive_consumer || (options.exclusive && q.consumers > 0) {
+        // An exclusive consumer needs the queue to itself; RabbitMQ never grants one on a
+        // single-active-consumer queue.
+        let alone = q.consumers.is_empty() && !q.single_active();
+        if q.exclusive_consumer || (options.exclusive && !alone) {
             return Err(BrokerError::access_refused(
                 EntityKind::Queue,
                 queue,
@@ -875,45 +1169,72 @@ impl VirtualBroker {
             exclusive: options.exclusive,
             prefetch: s.prefetch,
             unacked: 0,
+            priority: options.priority,
+            pending: VecDeque::new(),
         });
-        q.consumers += 1;
+        q.add_consumer(ConsumerRef {
+            session,
+            id,
+            priority: options.priority,
+        });
         q.exclusive_consumer |= options.exclusive;
         q.last_used_ms = now_ms;
         Ok(tag)
     }
 
     /// basic.cancel; returns whether the consumer existed. Its unacked messages stay unacked
-    /// on the session. An auto-delete queue losing its last consumer is deleted.
+    /// on the session, except those the broker handed it that it never took (see
+    /// [`take_turn`](Self::take_turn)): they are requeued. An auto-delete queue losing its last
+    /// consumer is deleted; with `x-single-active-consumer`, the next consumer takes over.
     pub fn cancel(
         &mut self,
         session: SessionId,
         consumer_tag: &str,
         now_ms: u64,
     ) -> Result<bool, BrokerError> {
-        let s = self.session(session)?;
+        let s = self
+            .sessions
+            .get_mut(&session)
+            .ok_or(BrokerError::UnknownSession { session: session.0 })?;
         let Some(i) = s.consumer_index(consumer_tag) else {
             return Ok(false);
         };
         let c = s.consumers.remove(i);
-        self.release_consumer(&c, now_ms);
+        if !c.pending.is_empty() && !c.no_ack {
+            let mut settled = std::mem::take(&mut self.settled);
+            settled.clear();
+            for d in &c.pending {
+                // Cannot fail: the tag is tracked until settled.
+                let _ = s.settle(d.delivery_tag, false, &mut settled);
+            }
+            self.requeue(&mut settled);
+            self.settled = settled;
+        }
+        self.release_consumer(session, &c, now_ms);
         Ok(true)
     }
 
-    fn release_consumer(&mut self, c: &Consumer, now_ms: u64) {
+    fn release_consumer(&mut self, session: SessionId, c: &Consumer, now_ms: u64) {
         let Some(q) = self.queues.get_mut(&*c.queue) else {
             return;
         };
         if q.id != c.queue_id {
             return;
         }
-        q.consumers = q.consumers.saturating_sub(1);
+        q.remove_consumer(session, c.id);
         if c.exclusive {
             q.exclusive_consumer = false;
         }
         q.last_used_ms = now_ms;
-        if q.auto_delete && q.consumers == 0 {
-            let name = q.name.clone();
-            self.remove_queue(&name);
+        if q.consumers.is_empty() {
+            if q.auto_delete {
+                let name = q.name.clone();
+                self.remove_queue(&name);
+            }
+        } else if !q.store.is_empty() {
+            // Another consumer may take over: the next single active consumer, or lower
+            // priorities.
+            self.notices.push(Notice::QueueReady(q.name.clone()));
         }
     }
 
@@ -968,6 +1289,11 @@ impl VirtualBroker {
 
     /// Up to `max` messages for consumer `consumer_tag`, appended to `out` (stopping early at
     /// an empty queue or a prefetch limit); returns how many. One lookup for the whole batch.
+    ///
+    /// Only a consumer entitled to its queue's messages gets them: with
+    /// `x-single-active-consumer` the active one, otherwise one that no consumer of a higher
+    /// priority with room comes before. Messages the broker already handed the consumer (see
+    /// [`take_turn`](Self::take_turn)) come first.
     pub fn drain_for_consumer(
         &mut self,
         session: SessionId,
@@ -976,28 +1302,80 @@ impl VirtualBroker {
         now_ms: u64,
         out: &mut Vec<Delivery>,
     ) -> Result<usize, BrokerError> {
+        self.take(session, consumer_tag, max, false, now_ms, out)
+            .map(|t| t.taken)
+    }
+
+    /// [`drain_for_consumer`](Self::drain_for_consumer) for a transport that wakes all the
+    /// consumers of a queue when messages arrive: it takes only one message when another
+    /// consumer has an equal claim on the queue (same priority, no single active consumer), so
+    /// that consumers woken together take turns as RabbitMQ's round-robin has them, and reports
+    /// whether to wake the others for what is left.
+    ///
+    /// Not every message waits for a consumer to take it: one whose TTL in its queue is 0 is
+    /// delivered when it arrives (RabbitMQ hands it to a consumer with room, or drops it), and
+    /// waits in that consumer's own buffer for its next call here. Its queue is among the
+    /// publish outcome's (or a [`Notice::QueueReady`]), so waking the queue's consumers then
+    /// reaches it.
+    pub fn take_turn(
+        &mut self,
+        session: SessionId,
+        consumer_tag: &str,
+        max: usize,
+        now_ms: u64,
+        out: &mut Vec<Delivery>,
+    ) -> Result<Turn, BrokerError> {
+        self.take(session, consumer_tag, max, true, now_ms, out)
+    }
+
+    fn take(
+        &mut self,
+        session: SessionId,
+        consumer_tag: &str,
+        max: usize,
+        fair: bool,
+        now_ms: u64,
+        out: &mut Vec<Delivery>,
+    ) -> Result<Turn, BrokerError> {
         let s = self
             .sessions
-            .get_mut(&session)
+            .get(&session)
             .ok_or(BrokerError::UnknownSession { session: session.0 })?;
         let ci = s
             .consumer_index(consumer_tag)
             .ok_or_else(|| BrokerError::not_found(EntityKind::Consumer, consumer_tag))?;
-        let (queue, no_ack) = match s.consumers.get(ci) {
-            Some(c) => (c.queue.clone(), c.no_ack),
-            None => return Ok(0),
+        let Some(c) = s.consumers.get(ci) else {
+            return Ok(Turn::default());
         };
-        let Some(q) = self.queues.get_mut(&*queue) else {
-            return Ok(0);
+        let (id, priority, no_ack) = (c.id, c.priority, c.no_ack);
+        let Some(q) = self.queues.get_mut(&*c.queue) else {
+            return Ok(Turn::default());
         };
+        let claim = q.claim(&self.sessions, session, id, priority);
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return Ok(Turn::default());
+        };
+        let max = if fair && claim.peers { max.min(1) } else { max };
         let mut n = 0;
-        while n < max && s.consumer_has_credit(ci) {
-            let Some(m) = q.store.pop(now_ms, &mut self.scratch) else {
-                break;
-            };
-            out.push(deliver(s, q, m, no_ack, Some(ci)));
-            n += 1;
+        if let Some(c) = s.consumers.get_mut(ci) {
+            while n < max {
+                let Some(d) = c.pending.pop_front() else {
+                    break;
+                };
+                out.push(d);
+                n += 1;
+            }
         }
+        if claim.eligible {
+            while n < max && s.consumer_has_credit(ci) {
+                let Some(m) = q.store.pop(now_ms, &mut self.scratch) else {
+                    break;
+                };
+                out.push(deliver(s, q, m, no_ack, Some(ci)));
+                n += 1;
+            }
+        }
+        let left = !q.store.is_empty();
         if !self.scratch.is_empty() {
             schedule_dead(
                 &mut self.pending_dead,
@@ -1007,7 +1385,10 @@ impl VirtualBroker {
             );
             self.process_dead_letters(now_ms);
         }
-        Ok(n)
+        Ok(Turn {
+            taken: n,
+            wake_others: n > 0 && left && claim.others,
+        })
     }
 
     /// basic.ack: settle `delivery_tag` (with `multiple`, every tag up to it; 0 + multiple =

@@ -9,8 +9,15 @@
 //! - [`MessageQueue`] — one in-memory queue: FIFO, `x-max-priority`, `x-message-ttl` and
 //!   per-message `expiration`, `x-max-length`/`x-max-length-bytes` with `x-overflow`.
 //! - [`VirtualBroker`] — ties them together with sessions (channels: delivery tags, unacked
-//!   messages, prefetch), consumers, dead-lettering (`x-death`), exclusive and auto-delete
-//!   queues, `x-expires`.
+//!   messages, prefetch), consumers (priorities, `x-single-active-consumer`), dead-lettering
+//!   (`x-death`), exclusive and auto-delete queues, `x-expires`.
+//!
+//! Consumers pull: the transport asks for each consumer's messages
+//! ([`VirtualBroker::take_turn`]) when it is woken, and the core hands out only what RabbitMQ
+//! would push to that consumer (its prefetch room, the single active consumer, the highest
+//! consumer priority with room). The exception is a message whose TTL is 0: RabbitMQ delivers
+//! it on arrival or not at all, so the core hands it (with the ready messages ahead of it) to
+//! a consumer with room when it is published, and it waits for that consumer to take it.
 //!
 //! Time: calls that depend on time take `now_ms` (ms since the Unix epoch); expired messages
 //! are removed when they reach a queue's head (lazily on delivery, or by
@@ -52,7 +59,8 @@ mod topic;
 mod tests;
 
 pub use broker::{
-    ConsumeOptions, Notice, PublishOutcome, QueueDeclareOk, QueueInfo, QueueOptions, VirtualBroker,
+    ConsumeOptions, Notice, PublishOutcome, QueueDeclareOk, QueueInfo, QueueOptions, Turn,
+    VirtualBroker,
 };
 pub use deadletter::DeathReason;
 pub use error::{BrokerError, EntityKind};

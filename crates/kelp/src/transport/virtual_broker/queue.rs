@@ -3,7 +3,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use kelp_amqp::FieldTable;
+use kelp_amqp::{FieldTable, FieldValue};
 
 use super::error::{BrokerError, EntityKind};
 use super::message::{Message, QueuedMessage};
@@ -52,6 +52,8 @@ pub struct QueueArgs {
     pub dead_letter_exchange: Option<Arc<str>>,
     /// `x-dead-letter-routing-key`; without it the message's own routing key is used.
     pub dead_letter_routing_key: Option<Arc<str>>,
+    /// `x-single-active-consumer`: only the earliest consumer still attached gets messages.
+    pub single_active_consumer: bool,
 }
 
 const INT_ARGS: [&str; 5] = [
@@ -115,6 +117,16 @@ impl QueueArgs {
                 "x-dead-letter-exchange must be set too".to_owned(),
             ));
         }
+        let single_active_consumer = match args.get("x-single-active-consumer") {
+            None => false,
+            Some(FieldValue::Bool(b)) => *b,
+            Some(v) => {
+                return Err(bad(
+                    "x-single-active-consumer",
+                    format!("expected a boolean, got {v:?}"),
+                ))
+            }
+        };
         Ok(QueueArgs {
             message_ttl: int("x-message-ttl", 0)?,
             expires: int("x-expires", 1)?,
@@ -124,6 +136,7 @@ impl QueueArgs {
             max_priority,
             dead_letter_exchange,
             dead_letter_routing_key,
+            single_active_consumer,
         })
     }
 
@@ -149,6 +162,13 @@ impl QueueArgs {
             }
         }
         d("x-max-priority", &self.max_priority, &current.max_priority)
+            .or_else(|| {
+                d(
+                    "x-single-active-consumer",
+                    &self.single_active_consumer,
+                    &current.single_active_consumer,
+                )
+            })
             .or_else(|| {
                 (self.overflow != current.overflow).then(|| {
                     (
@@ -264,6 +284,42 @@ impl MessageQueue {
         self.expiring -= usize::from(m.expires_at.is_some());
     }
 
+    /// The TTL a message gets in this queue: its own (`message_ttl`, from `expiration`) or the
+    /// queue's `x-message-ttl`, whichever is shorter.
+    pub fn effective_ttl(&self, message_ttl: Option<u64>) -> Option<u64> {
+        match (self.args.message_ttl, message_ttl) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// True when a new `message` would be refused (`x-overflow: reject-publish(-dlx)` and the
+    /// queue is full).
+    pub fn would_reject(&self, message: &Message) -> bool {
+        self.args.overflow != Overflow::DropHead && self.would_overflow(1, message.body.len())
+    }
+
+    /// This queue's entry for `message` arriving at `now_ms`, next in its arrival order, without
+    /// enqueueing it (for a message handed straight to a consumer).
+    pub(crate) fn admit(
+        &mut self,
+        message: &Message,
+        message_ttl: Option<u64>,
+        now_ms: u64,
+    ) -> QueuedMessage {
+        let qm = QueuedMessage {
+            message: message.clone(),
+            redelivered: false,
+            expires_at: self
+                .effective_ttl(message_ttl)
+                .map(|t| now_ms.saturating_add(t)),
+            priority: self.level_of(message.properties.priority),
+            seq: self.next_seq,
+        };
+        self.next_seq += 1;
+        qm
+    }
+
     /// Enqueue `message` at `now_ms`. `message_ttl` is its own TTL (from `expiration`); the
     /// queue's `x-message-ttl` applies too, whichever ends sooner. With `drop-head`, messages
     /// dropped to respect the length limits are appended to `dropped` (to be dead-lettered with
@@ -275,22 +331,10 @@ impl MessageQueue {
         now_ms: u64,
         dropped: &mut Vec<QueuedMessage>,
     ) -> PushOutcome {
-        let size = message.body.len();
-        if self.args.overflow != Overflow::DropHead && self.would_overflow(1, size) {
+        if self.would_reject(message) {
             return PushOutcome::Rejected;
         }
-        let ttl = match (self.args.message_ttl, message_ttl) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        let qm = QueuedMessage {
-            message: message.clone(),
-            redelivered: false,
-            expires_at: ttl.map(|t| now_ms.saturating_add(t)),
-            priority: self.level_of(message.properties.priority),
-            seq: self.next_seq,
-        };
-        self.next_seq += 1;
+        let qm = self.admit(message, message_ttl, now_ms);
         self.account_in(&qm);
         if let Some(level) = self.levels.get_mut(usize::from(qm.priority)) {
             level.push_back(qm);

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use kelp_amqp::ShortString;
 
 use super::error::BrokerError;
-use super::message::QueuedMessage;
+use super::message::{Delivery, QueuedMessage};
 
 /// Identifies the owner of sessions and exclusive queues (an AMQP connection). Chosen by the
 /// caller.
@@ -44,6 +44,12 @@ pub(crate) struct Consumer {
     /// Per-consumer prefetch (0 = unlimited), fixed when the consumer starts.
     pub prefetch: u16,
     pub unacked: usize,
+    /// `x-priority`: higher goes first while it has room.
+    pub priority: i64,
+    /// Deliveries the broker made to it that it has not taken yet (a message with TTL 0 is
+    /// handed to a consumer when it arrives, as RabbitMQ does, or not at all). Already tracked
+    /// as unacked.
+    pub pending: VecDeque<Delivery>,
 }
 
 /// A delivered, not yet settled message. `message` is `None` once settled (a tombstone until
@@ -115,6 +121,10 @@ impl Session {
 
     pub fn consumer_index(&self, tag: &str) -> Option<usize> {
         self.consumers.iter().position(|c| c.tag.as_str() == tag)
+    }
+
+    pub fn consumer_by_id(&self, id: u64) -> Option<usize> {
+        self.consumers.iter().position(|c| c.id == id)
     }
 
     /// May consumer `index` receive another message under the prefetch limits?

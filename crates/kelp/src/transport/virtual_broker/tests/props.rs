@@ -460,3 +460,162 @@ fn queue_args_parse_and_unknown_arguments_are_kept() {
         Some(&FieldValue::from("classic"))
     );
 }
+
+// ---------------------------------------------------------------- TTL 0
+
+/// Queue "q" dead-letters through the default exchange to queue "dead".
+fn ttl0_setup(f: &mut Fx, args: &[(&str, FieldValue)]) {
+    f.queue("dead");
+    let mut all = vec![
+        ("x-dead-letter-exchange", super::s("")),
+        ("x-dead-letter-routing-key", super::s("dead")),
+    ];
+    all.extend(args.iter().cloned());
+    f.queue_args("q", &all);
+}
+
+fn death_reason(m: &QueuedMessage) -> String {
+    let deaths = super::x_death(&m.message);
+    super::hstr(&deaths[0], "reason").unwrap()
+}
+
+/// RabbitMQ hands a message with TTL 0 to a consumer with room when it arrives; it is then
+/// that consumer's, however late it takes it.
+#[test]
+fn ttl_zero_goes_straight_to_a_consumer_with_room() {
+    let mut f = Fx::new();
+    ttl0_setup(&mut f, &[]);
+    f.consume("q", "c");
+    let out = f.send_props("q", "now", expiring("0"), T0);
+    assert_eq!(out.queues.len(), 1, "routed");
+    assert!(!out.returned);
+    assert_eq!(f.count("q"), 0, "not left in the queue");
+    assert_eq!(f.b.unacked_count(f.s), Some(1), "delivered at once");
+    let d = f.b.next_for_consumer(f.s, "c", T0 + 5000).unwrap().unwrap();
+    assert_eq!(body(&d), "now");
+    assert!(!d.redelivered);
+    f.ack(d.delivery_tag);
+    assert!(f.bodies("dead").is_empty());
+}
+
+/// With no consumer that could take it, it expires on arrival: gone (dead-lettered as
+/// `expired`) before anyone looks.
+#[test]
+fn ttl_zero_without_a_ready_consumer_expires_on_arrival() {
+    let mut f = Fx::new();
+    ttl0_setup(&mut f, &[]);
+    f.send_props("q", "nobody", expiring("0"), T0);
+    assert_eq!(f.count("q"), 0);
+    assert_eq!(f.bodies("dead"), ["nobody"]);
+    assert_eq!(death_reason(&f.ready("dead")[0]), "expired");
+    // A consumer at its prefetch limit is no better.
+    f.b.qos(f.s, 1, false).unwrap();
+    f.consume("q", "c");
+    f.send("q", "held");
+    let held = f.next("c").unwrap();
+    f.send_props("q", "blocked", expiring("0"), T0);
+    assert_eq!(f.count("q"), 0);
+    assert_eq!(f.bodies("dead"), ["nobody", "blocked"]);
+    // Once it has room again, the next one is delivered.
+    f.ack(held.delivery_tag);
+    f.send_props("q", "room", expiring("0"), T0);
+    assert_eq!(body(&f.next("c").unwrap()), "room");
+    assert_eq!(f.bodies("dead"), ["nobody", "blocked"]);
+}
+
+/// `x-message-ttl: 0` does the same for every message of the queue.
+#[test]
+fn queue_ttl_zero_delivers_to_a_ready_consumer_or_drops() {
+    let mut f = Fx::new();
+    ttl0_setup(&mut f, &[ttl(0)]);
+    f.send("q", "dropped");
+    assert_eq!(f.count("q"), 0);
+    assert_eq!(f.bodies("dead"), ["dropped"]);
+    f.consume("q", "c");
+    f.send("q", "kept");
+    assert_eq!(body(&f.next("c").unwrap()), "kept");
+    assert_eq!(f.bodies("dead"), ["dropped"]);
+}
+
+/// Ready messages ahead of a TTL-0 message (a consumer with room has not taken them yet) are
+/// handed out first, in order, as RabbitMQ would have pushed them; the TTL-0 one only gets
+/// the room that is left.
+#[test]
+fn ttl_zero_keeps_queue_order_and_prefetch() {
+    let mut f = Fx::new();
+    ttl0_setup(&mut f, &[]);
+    f.b.qos(f.s, 2, false).unwrap();
+    f.consume("q", "c");
+    f.send("q", "a");
+    f.send("q", "b");
+    f.send_props("q", "late", expiring("0"), T0);
+    assert_eq!(f.bodies("dead"), ["late"], "no room left for it");
+    let mut got = Vec::new();
+    f.b.drain_for_consumer(f.s, "c", 10, T0, &mut got).unwrap();
+    assert_eq!(super::bodies_of(&got), ["a", "b"]);
+    f.b.ack(f.s, 0, true).unwrap();
+    f.send("q", "c");
+    f.send_props("q", "fits", expiring("0"), T0);
+    got.clear();
+    f.b.drain_for_consumer(f.s, "c", 10, T0, &mut got).unwrap();
+    assert_eq!(super::bodies_of(&got), ["c", "fits"]);
+    let tags: Vec<u64> = got.iter().map(|d| d.delivery_tag).collect();
+    assert!(tags[0] < tags[1], "{tags:?}");
+}
+
+/// A TTL-0 message goes to the highest-priority consumer with room, round-robin among
+/// equals; with `x-single-active-consumer`, only to the active one.
+#[test]
+fn ttl_zero_follows_consumer_priority_and_single_active_consumer() {
+    let mut f = Fx::new();
+    f.queue("q");
+    let high = ConsumeOptions {
+        priority: 5,
+        ..ConsumeOptions::default()
+    };
+    f.consume("q", "low");
+    f.b.consume(f.s, "q", "h1", high, T0).unwrap();
+    f.b.consume(f.s, "q", "h2", high, T0).unwrap();
+    for i in 0..4 {
+        f.send_props("q", &format!("m{i}"), expiring("0"), T0);
+    }
+    let take = |f: &mut Fx, tag: &str| {
+        let mut v = Vec::new();
+        f.b.drain_for_consumer(f.s, tag, 10, T0, &mut v).unwrap();
+        super::bodies_of(&v)
+    };
+    assert_eq!(take(&mut f, "h1"), ["m0", "m2"]);
+    assert_eq!(take(&mut f, "h2"), ["m1", "m3"]);
+    assert!(take(&mut f, "low").is_empty());
+
+    f.queue_args(
+        "sac",
+        &[("x-single-active-consumer", FieldValue::Bool(true))],
+    );
+    f.consume("sac", "first");
+    f.b.consume(f.s, "sac", "second", high, T0).unwrap();
+    f.send_props("sac", "x", expiring("0"), T0);
+    assert!(take(&mut f, "second").is_empty());
+    assert_eq!(take(&mut f, "first"), ["x"]);
+}
+
+/// A consumer cancelled before taking what the broker handed it: those messages go back to
+/// the queue (redelivered), where a TTL-0 one then expires.
+#[test]
+fn cancel_requeues_what_a_consumer_was_handed_but_never_took() {
+    let mut f = Fx::new();
+    ttl0_setup(&mut f, &[]);
+    f.consume("q", "c");
+    f.send_props("q", "handed", expiring("0"), T0);
+    assert_eq!(f.b.unacked_count(f.s), Some(1));
+    assert!(f.b.cancel(f.s, "c", T0).unwrap());
+    assert_eq!(f.b.unacked_count(f.s), Some(0));
+    assert_eq!(f.count("q"), 1);
+    assert!(f.ready("q")[0].redelivered);
+    assert!(f
+        .b
+        .take_notices()
+        .contains(&Notice::QueueReady(Arc::from("q"))));
+    assert!(f.get("q").is_none(), "expired");
+    assert_eq!(f.bodies("dead"), ["handed"]);
+}

@@ -771,3 +771,258 @@ fn tags_stay_addressable_across_compaction() {
     assert_eq!(f.b.ack(f.s, 0, true).unwrap(), 49);
     assert_eq!(f.b.unacked_count(f.s), Some(0));
 }
+
+/// `x-single-active-consumer`: only the earliest attached consumer is served; when it goes,
+/// the next one takes over (and waiters are told), and a redeclare without it is refused.
+#[test]
+fn single_active_consumer_serves_one_at_a_time() {
+    let mut b = VirtualBroker::new();
+    let o = OwnerId(1);
+    let (s1, s2) = (b.open_session(o), b.open_session(o));
+    let args = super::table(&[("x-single-active-consumer", FieldValue::Bool(true))]);
+    b.declare_queue(o, "sac", QueueOptions::default(), &args, T0)
+        .unwrap();
+    let first = b
+        .consume(s1, "sac", "first", ConsumeOptions::default(), T0)
+        .unwrap();
+    let second = b
+        .consume(s2, "sac", "second", ConsumeOptions::default(), T0)
+        .unwrap();
+    for k in ["a", "b"] {
+        b.publish(super::msg_body("", "sac", k), false, T0).unwrap();
+    }
+    assert!(b.next_for_consumer(s2, &second, T0).unwrap().is_none());
+    let d = b.next_for_consumer(s1, &first, T0).unwrap().unwrap();
+    assert_eq!(body(&d), "a");
+    b.take_notices();
+    b.cancel(s1, &first, T0).unwrap();
+    assert!(b
+        .take_notices()
+        .iter()
+        .any(|n| matches!(n, Notice::QueueReady(q) if &**q == "sac")));
+    // "a" went back unacked on s1's session, so the next ready one is "b".
+    let d = b.next_for_consumer(s2, &second, T0).unwrap().unwrap();
+    assert_eq!(body(&d), "b");
+    let err = b
+        .declare_queue(
+            o,
+            "sac",
+            QueueOptions::default(),
+            &kelp_amqp::FieldTable::new(),
+            T0,
+        )
+        .unwrap_err();
+    assert_eq!(err.amqp_reply_code(), 406);
+}
+
+fn sac() -> (&'static str, FieldValue) {
+    ("x-single-active-consumer", FieldValue::Bool(true))
+}
+
+fn with_priority(priority: i64) -> ConsumeOptions {
+    ConsumeOptions {
+        priority,
+        ..ConsumeOptions::default()
+    }
+}
+
+/// Deliveries for `tag` of session `s` (up to 100).
+fn take(f: &mut Fx, s: SessionId, tag: &str) -> Vec<String> {
+    let mut v = Vec::new();
+    f.b.drain_for_consumer(s, tag, 100, T0, &mut v).unwrap();
+    bodies_of(&v)
+}
+
+/// When the single active consumer goes (cancel or its session closing), the highest-priority
+/// consumer left takes over, the earliest among equals; a newer higher-priority consumer does
+/// not preempt the active one.
+#[test]
+fn single_active_consumer_hands_over_by_priority_then_age() {
+    let mut f = Fx::new();
+    f.queue_args("q", &[sac()]);
+    let s1 = f.s;
+    let s2 = f.b.open_session(OwnerId(2));
+    let s3 = f.b.open_session(OwnerId(3));
+    f.consume("q", "first");
+    f.b.consume(s2, "q", "low-early", ConsumeOptions::default(), T0)
+        .unwrap();
+    f.b.consume(s3, "q", "high", with_priority(3), T0).unwrap();
+    f.b.consume(s2, "q", "low-late", ConsumeOptions::default(), T0)
+        .unwrap();
+    for i in 0..3 {
+        f.send("q", &format!("m{i}"));
+    }
+    assert!(take(&mut f, s3, "high").is_empty(), "no preemption");
+    assert_eq!(take(&mut f, s1, "first"), ["m0", "m1", "m2"]);
+    f.send("q", "m3");
+    f.b.take_notices();
+    f.b.close_session(f.s, T0).unwrap();
+    // Its unacked messages came back, and waiters are told the queue has work.
+    assert!(f.b.take_notices().contains(&Notice::QueueReady("q".into())));
+    assert!(take(&mut f, s2, "low-early").is_empty());
+    assert_eq!(take(&mut f, s3, "high"), ["m0", "m1", "m2", "m3"]);
+    assert!(f.b.cancel(s3, "high", T0).unwrap());
+    f.send("q", "m4");
+    assert!(take(&mut f, s2, "low-late").is_empty());
+    assert_eq!(take(&mut f, s2, "low-early"), ["m4"]);
+    assert_eq!(f.b.queue_info("q").unwrap().consumer_count, 2);
+    // With every consumer gone, the next one to come is active.
+    f.b.cancel(s2, "low-early", T0).unwrap();
+    f.b.cancel(s2, "low-late", T0).unwrap();
+    f.b.consume(s2, "q", "again", ConsumeOptions::default(), T0)
+        .unwrap();
+    f.send("q", "m5");
+    assert_eq!(take(&mut f, s2, "again"), ["m5"]);
+}
+
+/// `x-single-active-consumer` must be a boolean, and RabbitMQ grants no exclusive consumer
+/// on such a queue; basic.get still works.
+#[test]
+fn single_active_consumer_argument_and_exclusive_consumers() {
+    let mut f = Fx::new();
+    let e = f
+        .declare(
+            "bad",
+            QueueOptions::default(),
+            &[("x-single-active-consumer", FieldValue::I32(1))],
+        )
+        .unwrap_err();
+    assert_eq!(e.amqp_reply_code(), 406);
+    f.queue_args("q", &[sac()]);
+    let excl = ConsumeOptions {
+        exclusive: true,
+        ..ConsumeOptions::default()
+    };
+    let e = f.b.consume(f.s, "q", "x", excl, T0).unwrap_err();
+    assert_eq!(e.amqp_reply_code(), 403);
+    f.consume("q", "c");
+    f.send("q", "a");
+    assert_eq!(body(&f.get("q").unwrap()), "a");
+    // Redeclaring with `false` differs as much as leaving it out.
+    let e = f
+        .declare(
+            "q",
+            QueueOptions::default(),
+            &[("x-single-active-consumer", FieldValue::Bool(false))],
+        )
+        .unwrap_err();
+    assert_eq!(e.amqp_reply_code(), 406);
+}
+
+/// Consumer priorities: the highest-priority consumers get the messages while they have
+/// room; a lower one only while every higher one is blocked.
+#[test]
+fn consumer_priority_serves_higher_until_blocked() {
+    let mut f = Fx::new();
+    f.queue("q");
+    let s1 = f.s;
+    let s2 = f.b.open_session(OwnerId(2));
+    f.b.qos(s2, 2, false).unwrap();
+    f.consume("q", "low");
+    f.b.consume(s2, "q", "high", with_priority(10), T0).unwrap();
+    for i in 0..5 {
+        f.send("q", &format!("m{i}"));
+    }
+    assert!(take(&mut f, s1, "low").is_empty(), "high has room");
+    assert_eq!(take(&mut f, s2, "high"), ["m0", "m1"]);
+    // High is at its prefetch: low may take the rest.
+    assert_eq!(take(&mut f, s1, "low"), ["m2", "m3", "m4"]);
+    f.b.ack(s2, 1, false).unwrap();
+    f.send("q", "m5");
+    assert!(take(&mut f, s1, "low").is_empty(), "high has room again");
+    assert_eq!(take(&mut f, s2, "high"), ["m5"]);
+    // Negative priorities rank below the default.
+    f.queue("r");
+    f.b.consume(f.s, "r", "neg", with_priority(-1), T0).unwrap();
+    f.consume("r", "zero");
+    f.send("r", "x");
+    assert!(take(&mut f, s1, "neg").is_empty());
+    assert_eq!(take(&mut f, s1, "zero"), ["x"]);
+}
+
+/// `x-priority` comes from the consume arguments: any integer type; anything else is
+/// PRECONDITION_FAILED.
+#[test]
+fn consumer_priority_argument() {
+    let args = |v: FieldValue| super::table(&[("x-priority", v)]);
+    let o = ConsumeOptions::default();
+    assert_eq!(
+        o.with_arguments("q", &args(FieldValue::I32(7)))
+            .unwrap()
+            .priority,
+        7
+    );
+    assert_eq!(
+        o.with_arguments("q", &args(FieldValue::I8(-3)))
+            .unwrap()
+            .priority,
+        -3
+    );
+    assert_eq!(
+        o.with_arguments("q", &args(FieldValue::I64(1 << 40)))
+            .unwrap()
+            .priority,
+        1 << 40
+    );
+    let none = o
+        .with_arguments("q", &super::table(&[("x-other", FieldValue::Bool(true))]))
+        .unwrap();
+    assert_eq!(none, o);
+    let e = o.with_arguments("q", &args(super::s("high"))).unwrap_err();
+    assert_eq!(e.amqp_reply_code(), 406);
+    assert!(e.to_string().contains("x-priority"), "{e}");
+}
+
+/// `take_turn` deals one message at a time to consumers of equal standing (so that consumers
+/// woken together take turns) and says when to wake the others; a consumer nobody competes
+/// with takes a batch.
+#[test]
+fn take_turn_deals_fairly_and_says_whom_to_wake() {
+    let mut f = Fx::new();
+    f.queue("q");
+    for i in 0..6 {
+        f.send("q", &format!("m{i}"));
+    }
+    let mut got = Vec::new();
+    f.consume("q", "alone");
+    let t = f.b.take_turn(f.s, "alone", 2, T0, &mut got).unwrap();
+    assert_eq!((t.taken, t.wake_others), (2, false));
+    f.consume("q", "peer");
+    let t = f.b.take_turn(f.s, "alone", 10, T0, &mut got).unwrap();
+    assert_eq!((t.taken, t.wake_others), (1, true));
+    let t = f.b.take_turn(f.s, "peer", 10, T0, &mut got).unwrap();
+    assert_eq!((t.taken, t.wake_others), (1, true));
+    // The only consumer of the highest priority batches, and wakes the lower ones while
+    // something is left (it may be blocked).
+    f.b.consume(f.s, "q", "top", with_priority(1), T0).unwrap();
+    let t = f.b.take_turn(f.s, "top", 1, T0, &mut got).unwrap();
+    assert_eq!((t.taken, t.wake_others), (1, true));
+    let t = f.b.take_turn(f.s, "top", 10, T0, &mut got).unwrap();
+    assert_eq!((t.taken, t.wake_others), (1, false), "nothing left");
+    assert_eq!(bodies_of(&got), ["m0", "m1", "m2", "m3", "m4", "m5"]);
+    // The inactive consumers of a single-active-consumer queue get nothing and wake nobody.
+    f.queue_args("s", &[sac()]);
+    f.consume("s", "active");
+    f.consume("s", "waiting");
+    f.send("s", "a");
+    f.send("s", "b");
+    got.clear();
+    let t = f.b.take_turn(f.s, "waiting", 10, T0, &mut got).unwrap();
+    assert_eq!(t, Turn::default());
+    let t = f.b.take_turn(f.s, "active", 10, T0, &mut got).unwrap();
+    assert_eq!((t.taken, t.wake_others), (2, false));
+}
+
+/// A global prefetch change alters who has room: the queues of the session's consumers are
+/// reported ready so that their other consumers look again.
+#[test]
+fn global_qos_change_reports_the_consumers_queues() {
+    let mut f = Fx::new();
+    f.queue("q");
+    f.consume("q", "c");
+    f.b.take_notices();
+    f.b.qos(f.s, 1, true).unwrap();
+    assert_eq!(f.b.take_notices(), [Notice::QueueReady("q".into())]);
+    f.b.qos(f.s, 5, false).unwrap();
+    assert!(f.b.take_notices().is_empty());
+}
