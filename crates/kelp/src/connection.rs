@@ -15,8 +15,9 @@ use crate::compression::{Compression, DEFAULT_MAX_DECOMPRESSED};
 use crate::consumer::{no_handlers, Core, RawItem};
 use crate::error::{mask_url, Error};
 use crate::message::Codec;
+use crate::recovery::{self, RecoveryEvents, RecoveryOptions};
 use crate::serialization::Registry;
-use crate::transport::{self, Transport};
+use crate::transport::Transport;
 
 /// The URL used when none is given and `KELP_URL` is unset (Kombu's default broker).
 ///
@@ -74,6 +75,8 @@ pub struct ConnectionBuilder {
     registry: Registry,
     compression: Compression,
     max_decompressed: usize,
+    robust: bool,
+    recovery: RecoveryOptions,
 }
 
 impl Default for ConnectionBuilder {
@@ -84,6 +87,8 @@ impl Default for ConnectionBuilder {
             registry: Registry::default(),
             compression: Compression::default(),
             max_decompressed: DEFAULT_MAX_DECOMPRESSED,
+            robust: false,
+            recovery: RecoveryOptions::default(),
         }
     }
 }
@@ -163,6 +168,51 @@ impl ConnectionBuilder {
         self
     }
 
+    /// Make it a robust connection: it reconnects after a loss and restores its topology,
+    /// channels and consumers (see [`crate::recovery`]).
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), kelp::Error> {
+    /// let conn = kelp::Connection::builder()
+    ///     .url("amqp://guest:guest@h1//;amqp://guest:guest@h2//")
+    ///     .robust(true)
+    ///     .connect()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn robust(mut self, on: bool) -> Self {
+        self.robust = on;
+        self
+    }
+
+    /// Reconnection settings (backoff, failover order, outage timeout, `fail_fast`); makes the
+    /// connection robust. `fail_fast` and the failover order apply to the first connect of any
+    /// connection.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use kelp::recovery::{ReconnectPolicy, RecoveryOptions};
+    /// let b = kelp::Connection::builder().recovery(
+    ///     RecoveryOptions::default()
+    ///         .reconnect(ReconnectPolicy::default().interval_max(Duration::from_secs(2))),
+    /// );
+    /// ```
+    pub fn recovery(mut self, options: RecoveryOptions) -> Self {
+        self.recovery = options;
+        self.robust = true;
+        self
+    }
+
+    /// On the first connect, fail at once (default) or keep retrying with the reconnect policy.
+    ///
+    /// ```
+    /// let b = kelp::Connection::builder().fail_fast(false);
+    /// ```
+    pub fn fail_fast(mut self, on: bool) -> Self {
+        self.recovery.fail_fast = on;
+        self
+    }
+
     /// Connect.
     ///
     /// ```no_run
@@ -175,7 +225,19 @@ impl ConnectionBuilder {
             Some(u) => u,
             None => std::env::var("KELP_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned()),
         };
-        let transport = transport::open(&url, &self.options).await?;
+        let urls = recovery::split_urls(&url);
+        let (transport, robust): (Arc<dyn Transport>, _) = if self.robust {
+            let t = recovery::RobustTransport::connect(urls, self.options, self.recovery).await?;
+            let shared = t.shared().clone();
+            (Arc::new(t), Some(shared))
+        } else {
+            (
+                recovery::connect_first(&urls, &self.options, &self.recovery)
+                    .await?
+                    .1,
+                None,
+            )
+        };
         Ok(Connection {
             inner: Arc::new(Inner {
                 transport,
@@ -188,6 +250,7 @@ impl ConnectionBuilder {
                 declared: Mutex::new(HashSet::new()),
                 consumers: Mutex::new(Vec::new()),
                 drain_cursor: AtomicUsize::new(0),
+                robust,
             }),
         })
     }
@@ -218,6 +281,7 @@ struct Inner {
     consumers: Mutex<Vec<Weak<AsyncMutex<Core>>>>,
     /// Where the next `drain_events` starts looking, so no consumer starves the others.
     drain_cursor: AtomicUsize,
+    robust: Option<Arc<recovery::Shared>>,
 }
 
 impl Connection {
@@ -250,6 +314,158 @@ impl Connection {
     /// ```
     pub async fn open_default() -> Result<Connection, Error> {
         ConnectionBuilder::default().connect().await
+    }
+
+    /// Open a robust connection to `url` (aio-pika's `connect_robust`): it reconnects after a
+    /// loss and restores its topology, channels and consumers. `url` may list failover brokers
+    /// separated by `;`.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), kelp::Error> {
+    /// let conn = kelp::Connection::open_robust("amqp://guest:guest@localhost//").await?;
+    /// assert!(conn.is_robust());
+    /// # Ok(()) }
+    /// ```
+    pub async fn open_robust(url: &str) -> Result<Connection, Error> {
+        ConnectionBuilder::default()
+            .url(url)
+            .robust(true)
+            .connect()
+            .await
+    }
+
+    /// True for a robust connection.
+    ///
+    /// ```
+    /// # async fn demo() -> Result<(), kelp::Error> {
+    /// let conn = kelp::Connection::open("memory://").await?;
+    /// assert!(!conn.is_robust());
+    /// # Ok(()) }
+    /// ```
+    pub fn is_robust(&self) -> bool {
+        self.inner.robust.is_some()
+    }
+
+    /// True while connected: a robust connection that is recovering, or any closed connection,
+    /// says false.
+    ///
+    /// ```
+    /// # async fn demo() -> Result<(), kelp::Error> {
+    /// let conn = kelp::Connection::open("memory://").await?;
+    /// assert!(conn.is_connected());
+    /// # Ok(()) }
+    /// ```
+    pub fn is_connected(&self) -> bool {
+        match &self.inner.robust {
+            Some(r) => r.is_up(),
+            None => !self.inner.transport.is_closed(),
+        }
+    }
+
+    /// Subscribe to a robust connection's [`recovery events`](crate::recovery::RecoveryEvent)
+    /// (disconnected, reconnected, restore failures, blocked…). For a connection that is not
+    /// robust the subscription yields nothing.
+    ///
+    /// ```no_run
+    /// # async fn demo(conn: kelp::Connection) {
+    /// let mut events = conn.events();
+    /// while let Some(e) = events.recv().await {
+    ///     println!("{e:?}");
+    /// }
+    /// # }
+    /// ```
+    pub fn events(&self) -> RecoveryEvents {
+        match &self.inner.robust {
+            Some(r) => r.subscribe(),
+            None => RecoveryEvents { rx: None },
+        }
+    }
+
+    /// Call `callback` with each recovery event of a robust connection (from a spawned task).
+    ///
+    /// ```no_run
+    /// # async fn demo(conn: kelp::Connection) {
+    /// conn.on_event(|e| eprintln!("kelp: {e:?}"));
+    /// # }
+    /// ```
+    pub fn on_event(&self, mut callback: impl FnMut(recovery::RecoveryEvent) + Send + 'static) {
+        let mut events = self.events();
+        tokio::spawn(async move {
+            while let Some(e) = events.recv().await {
+                callback(e);
+            }
+        });
+    }
+
+    /// Wait until connected (Kombu's `ensure_connection`): at once if connected; for a robust
+    /// connection that is recovering, until it is back or `timeout` passes.
+    ///
+    /// ```no_run
+    /// # async fn demo(conn: kelp::Connection) -> Result<(), kelp::Error> {
+    /// conn.ensure_connection(std::time::Duration::from_secs(10)).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn ensure_connection(&self, timeout: Duration) -> Result<(), Error> {
+        match &self.inner.robust {
+            Some(r) => {
+                let wait = r.wait_up(std::time::Instant::now());
+                match tokio::time::timeout(timeout, wait).await {
+                    Ok(r) => r.map(|_| ()),
+                    Err(_) => Err(Error::ConnectionDown {
+                        waited: timeout,
+                        url: self.inner.url.clone(),
+                    }),
+                }
+            }
+            None if self.inner.transport.is_closed() => Err(Error::Closed { what: "connection" }),
+            None => Ok(()),
+        }
+    }
+
+    /// Run `op` and retry it on connection errors following `policy` (Kombu's
+    /// `Connection.ensure` / `autoretry`): `errback` hears each error and the wait before the
+    /// next try; on a robust connection each retry also waits for the connection to be back.
+    /// Other errors are returned at once.
+    ///
+    /// ```no_run
+    /// # async fn demo(conn: kelp::Connection, ch: kelp::Channel) -> Result<(), kelp::Error> {
+    /// let policy = kelp::RetryPolicy::default().max_retries(Some(5));
+    /// let n = conn
+    ///     .ensure(&policy, || ch.raw().queue_purge("tasks"), |e, wait| {
+    ///         eprintln!("purge failed ({e}), retrying in {wait:?}")
+    ///     })
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn ensure<T, F, Fut>(
+        &self,
+        policy: &crate::RetryPolicy,
+        op: F,
+        mut errback: impl FnMut(&Error, Duration),
+    ) -> Result<T, Error>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, Error>>,
+    {
+        let op = std::sync::Mutex::new(op);
+        policy
+            .run(
+                || {
+                    let fut = op.lock().map(|mut f| f());
+                    let robust = self.inner.robust.clone();
+                    async move {
+                        if let Some(r) = robust {
+                            r.wait_up(std::time::Instant::now()).await?;
+                        }
+                        match fut {
+                            Ok(fut) => fut.await,
+                            Err(_) => Err(Error::Closed { what: "connection" }),
+                        }
+                    }
+                },
+                |e, wait| errback(e, wait),
+            )
+            .await
     }
 
     /// The URL, password masked.

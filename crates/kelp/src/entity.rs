@@ -59,6 +59,8 @@ pub struct Exchange {
     pub no_declare: bool,
     /// Declare passively: only check that it exists.
     pub passive: bool,
+    /// Declared again by a robust connection after a reconnect (default true).
+    pub robust: bool,
 }
 
 impl Default for Exchange {
@@ -73,6 +75,7 @@ impl Default for Exchange {
             arguments: FieldTable::new(),
             no_declare: false,
             passive: false,
+            robust: true,
         }
     }
 }
@@ -197,6 +200,16 @@ impl Exchange {
         self.no_declare = no_declare;
         self
     }
+    /// Whether a robust connection declares it again after a reconnect (default true; with
+    /// `false` it is left out of recovery, and so are its bindings).
+    ///
+    /// ```
+    /// assert!(!kelp::Exchange::new("e").robust(false).robust);
+    /// ```
+    pub fn robust(mut self, robust: bool) -> Self {
+        self.robust = robust;
+        self
+    }
     /// Declare passively (check it exists).
     ///
     /// ```
@@ -233,6 +246,7 @@ impl Exchange {
             durable: self.durable,
             auto_delete: self.auto_delete,
             internal: self.internal,
+            skip_recovery: !self.robust,
         };
         channel
             .raw()
@@ -409,6 +423,8 @@ pub struct Queue {
     pub no_declare: bool,
     /// Declare passively: only check that it exists.
     pub passive: bool,
+    /// Declared again by a robust connection after a reconnect (default true).
+    pub robust: bool,
 }
 
 impl Default for Queue {
@@ -426,6 +442,7 @@ impl Default for Queue {
             bindings: Vec::new(),
             no_declare: false,
             passive: false,
+            robust: true,
         }
     }
 }
@@ -627,6 +644,16 @@ impl Queue {
         self.no_declare = no_declare;
         self
     }
+    /// Whether a robust connection declares it again after a reconnect (default true; with
+    /// `false` it is left out of recovery, and so are its bindings).
+    ///
+    /// ```
+    /// assert!(!kelp::Queue::new("q").robust(false).robust);
+    /// ```
+    pub fn robust(mut self, robust: bool) -> Self {
+        self.robust = robust;
+        self
+    }
     /// Declare passively (check it exists).
     ///
     /// ```
@@ -670,6 +697,7 @@ impl Queue {
                 durable: self.durable,
                 exclusive: self.exclusive,
                 auto_delete: self.auto_delete,
+                skip_recovery: !self.robust,
             };
             channel
                 .raw()

@@ -118,6 +118,22 @@ pub enum Error {
         queue: String,
     },
     /// A header or property value cannot be carried by the transport.
+    /// An ack, nack or reject for a message delivered before a robust connection recovered: its
+    /// delivery tag means nothing on the new channel. The broker delivers the message again
+    /// (with `redelivered` set), so the usual handling is to log and move on.
+    #[error("delivery {delivery_tag} came on a channel that has since been recovered; the broker redelivers the message")]
+    StaleDelivery {
+        /// The broker's tag of the stale delivery.
+        delivery_tag: u64,
+    },
+    /// A robust connection stayed down longer than its outage timeout while a call waited.
+    #[error("the connection to {url} is down and did not come back within {waited:?}")]
+    ConnectionDown {
+        /// How long the call waited.
+        waited: Duration,
+        /// The broker's URL (password masked).
+        url: String,
+    },
     #[error("invalid {what}: {reason}")]
     InvalidArgument {
         /// What was given.
@@ -158,7 +174,7 @@ impl Error {
                 kelp_amqp::Error::ChannelClosed { .. } | kelp_amqp::Error::ConsumerCancelled { .. }
             ),
             Error::Closed { what } => *what == "connection",
-            Error::Timeout { .. } => true,
+            Error::Timeout { .. } | Error::ConnectionDown { .. } => true,
             _ => false,
         }
     }

@@ -19,6 +19,7 @@ pub mod entity;
 pub mod error;
 pub mod message;
 pub mod producer;
+pub mod recovery;
 pub mod retry;
 pub mod simple;
 

@@ -95,6 +95,9 @@ impl Transport for AmqpTransport {
         let hb = self.conn.tuning().heartbeat;
         (!hb.is_zero()).then_some(hb)
     }
+    fn blocked(&self) -> Option<tokio::sync::watch::Receiver<Option<String>>> {
+        Some(self.conn.blocked())
+    }
 }
 
 /// A channel on an AMQP connection. Dropping it drops its `kelp_amqp` channel, which closes

@@ -65,6 +65,9 @@ pub struct ExchangeFlags {
     pub auto_delete: bool,
     /// Publishers cannot publish to it directly.
     pub internal: bool,
+    /// Left out of a robust connection's recovery (`Exchange::robust(false)`); transports
+    /// ignore it.
+    pub skip_recovery: bool,
 }
 
 /// The flags of `queue.declare`.
@@ -78,6 +81,9 @@ pub struct QueueFlags {
     pub exclusive: bool,
     /// Deleted when its last consumer goes.
     pub auto_delete: bool,
+    /// Left out of a robust connection's recovery (`Queue::robust(false)`); transports ignore
+    /// it.
+    pub skip_recovery: bool,
 }
 
 /// What `queue.declare` reports.
@@ -130,6 +136,11 @@ pub trait Transport: Send + Sync + fmt::Debug + 'static {
     fn close_signal(&self) -> BoxFuture<'static, Error>;
     /// The heartbeat the connection runs with, if any.
     fn heartbeat(&self) -> Option<Duration> {
+        None
+    }
+    /// Watch `connection.blocked`: `Some(reason)` while the broker blocks publishers. `None`
+    /// for transports that never block.
+    fn blocked(&self) -> Option<tokio::sync::watch::Receiver<Option<String>>> {
         None
     }
 }
