@@ -39,6 +39,9 @@ struct ConsumerRec {
     /// The queue as the user named it (resolved through renames when consuming again).
     queue: String,
     spec: ConsumeSpec,
+    /// The per-consumer prefetch in effect when it started (RabbitMQ applies `basic.qos` with
+    /// `global=false` to consumers started after it).
+    prefetch: Option<u16>,
     /// A fresh stream for the user-facing one to switch to.
     next: Mutex<Option<(u64, DeliveryStream)>>,
     has_next: AtomicBool,
@@ -248,9 +251,15 @@ impl ChannelInner {
     async fn restore_consumers(&self, slot: &Slot) -> Result<(), Error> {
         let recs: Vec<Arc<ConsumerRec>> =
             self.consumers.lock().map(|c| c.clone()).unwrap_or_default();
+        let channel_prefetch = self.qos.lock().map(|q| q[0]).unwrap_or(None);
+        let mut applied = channel_prefetch;
         for rec in recs {
             if rec.cancelled.load(Ordering::Acquire) {
                 continue;
+            }
+            if rec.prefetch != applied {
+                slot.raw.qos(rec.prefetch.unwrap_or(0), false).await?;
+                applied = rec.prefetch;
             }
             let queue = self.shared.resolve(&rec.queue).into_owned();
             let mut spec = rec.spec.clone();
@@ -270,6 +279,9 @@ impl ChannelInner {
                     }
                 }
             }
+        }
+        if applied != channel_prefetch {
+            slot.raw.qos(channel_prefetch.unwrap_or(0), false).await?;
         }
         Ok(())
     }
@@ -717,6 +729,7 @@ impl TransportChannel for ChannelInner {
                             tag: tag.clone(),
                             queue: queue.to_owned(),
                             spec,
+                            prefetch: self.qos.lock().map(|q| q[0]).unwrap_or(None),
                             next: Mutex::new(None),
                             has_next: AtomicBool::new(false),
                             failed: Mutex::new(None),
