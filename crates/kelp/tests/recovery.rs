@@ -478,3 +478,131 @@ fn cpu_time() -> Duration {
     let total = ticks(11) + ticks(12);
     Duration::from_millis(total * 10)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_cancel_is_an_event_and_the_consumer_resumes_when_asked() {
+    let Some(url) = common::amqp_url("recovery::server_cancel") else {
+        return;
+    };
+    let proxy = FaultProxy::start(UPSTREAM).await.expect("proxy");
+    let conn = robust(&proxy, options().reconsume_on_cancel(true)).await;
+    let mut events = conn.events();
+    let ch = conn.channel().await.expect("channel");
+    let q = common::unique("cancel");
+    let queue = Queue::new(&q).durable(false).auto_delete(false);
+    ch.declare_queue(queue.clone()).await.expect("declare");
+    let mut consumer = Consumer::builder(&ch)
+        .queue(queue)
+        .build()
+        .await
+        .expect("consumer");
+    let other = direct(&url).await;
+    let och = other.channel().await.expect("channel");
+    och.raw()
+        .queue_delete(&q, false, false)
+        .await
+        .expect("delete");
+    match common::within("cancel notice", consumer.next()).await {
+        Some(Err(Error::ConsumerCancelled { queue, .. })) => assert_eq!(queue, q),
+        other => panic!("expected ConsumerCancelled, got {other:?}"),
+    }
+    wait_event(&mut events, "consumer cancelled", |e| {
+        matches!(e, RecoveryEvent::ConsumerCancelled { .. }).then_some(())
+    })
+    .await;
+    // The queue comes back: the consumer follows by itself.
+    och.declare_queue(Queue::new(&q).durable(false).auto_delete(false))
+        .await
+        .expect("redeclare");
+    wait_event(&mut events, "consumer resumed", |e| {
+        matches!(e, RecoveryEvent::ConsumerResumed { .. }).then_some(())
+    })
+    .await;
+    publish(&other, &q, "back").await;
+    let mut m = next(&mut consumer, "after resume").await;
+    assert_eq!(m.body().as_ref(), b"back");
+    m.ack().await.expect("ack");
+    och.raw()
+        .queue_delete(&q, false, false)
+        .await
+        .expect("delete");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entities_declared_robust_false_are_not_restored() {
+    if common::amqp_url("recovery::robust_false").is_none() {
+        return;
+    }
+    let proxy = FaultProxy::start(UPSTREAM).await.expect("proxy");
+    let conn = robust(&proxy, options()).await;
+    let mut events = conn.events();
+    let ch = conn.channel().await.expect("channel");
+    let kept = common::unique("kept");
+    let skipped = common::unique("skipped");
+    ch.declare_queue(Queue::new(&kept).exclusive(true))
+        .await
+        .expect("kept");
+    ch.declare_queue(Queue::new(&skipped).exclusive(true).robust(false))
+        .await
+        .expect("skipped");
+    proxy.drop_all();
+    wait_event(&mut events, "reconnected", |e| {
+        matches!(e, RecoveryEvent::Reconnected { .. }).then_some(())
+    })
+    .await;
+    let passive = kelp::transport::QueueFlags {
+        passive: true,
+        ..Default::default()
+    };
+    let ch2 = conn.channel().await.expect("channel");
+    ch2.raw()
+        .queue_declare(&kept, passive, &Default::default())
+        .await
+        .expect("the robust exclusive queue was recreated");
+    let r = ch2
+        .raw()
+        .queue_declare(&skipped, passive, &Default::default())
+        .await;
+    assert_eq!(
+        r.err().and_then(|e| e.reply_code()),
+        Some(404),
+        "robust(false) queue is not recreated"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ensure_retries_an_operation_across_an_outage() {
+    if common::amqp_url("recovery::ensure").is_none() {
+        return;
+    }
+    let proxy = FaultProxy::start(UPSTREAM).await.expect("proxy");
+    let conn = robust(&proxy, options()).await;
+    let ch = conn.channel().await.expect("channel");
+    let q = common::unique("ensure");
+    ch.declare_queue(Queue::new(&q).exclusive(true))
+        .await
+        .expect("declare");
+    proxy.set_refuse(true);
+    proxy.drop_all();
+    let unrefuse = {
+        let started = Instant::now();
+        async move {
+            tokio::time::sleep(Duration::from_millis(800)).await;
+            started
+        }
+    };
+    let policy = kelp::RetryPolicy::default().max_retries(Some(5));
+    let (r, _) = tokio::join!(
+        conn.ensure(
+            &policy,
+            || ch.raw().queue_purge(&q),
+            |e, wait| eprintln!("ensure: {e}; retrying in {wait:?}"),
+        ),
+        async {
+            unrefuse.await;
+            proxy.set_refuse(false);
+        }
+    );
+    assert_eq!(r.expect("purge after the outage"), 0);
+    assert!(conn.is_connected());
+}
