@@ -11,17 +11,22 @@ pub mod compression;
 pub mod serialization;
 pub mod transport;
 
+pub mod blocking;
 pub mod bound;
 pub mod channel;
+pub mod compat;
 pub mod connection;
 pub mod consumer;
 pub mod entity;
 pub mod error;
 pub mod message;
+pub mod patterns;
+pub mod pool;
 pub mod producer;
 pub mod recovery;
 pub mod retry;
 pub mod simple;
+pub mod worker;
 
 pub use bound::{BoundExchange, BoundQueue};
 pub use channel::Channel;

@@ -1,0 +1,1 @@
+//! Synchronous programs: kelp without touching tokio (Kombu's style).

@@ -1,0 +1,1 @@
+//! Compatibility surfaces of older Python APIs (carrot).

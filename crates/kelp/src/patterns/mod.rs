@@ -1,0 +1,1 @@
+//! Messaging patterns: RPC and master/worker, wire-compatible with aio-pika.

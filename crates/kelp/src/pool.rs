@@ -1,0 +1,1 @@
+//! Pools of connections, channels and producers (kombu.pools, aio-pika Pool).
