@@ -14,6 +14,10 @@
 //! `memory://` → Consumer + ack, beside a `tokio::sync::mpsc` pass-through and the ratio) and
 //! `library` (publish and consume through kelp's Producer/Consumer against kelp-amqp alone on
 //! the broker, with the library's overhead in %).
+//!
+//! `recovery` restarts the local RabbitMQ (`rabbitmqctl stop_app` / `start_app`) `--count`
+//! times and reports the time from the broker answering again to a kelp robust Consumer's
+//! first delivery. It is not part of `all`.
 
 mod amqprs_client;
 mod decode;
@@ -22,6 +26,8 @@ mod kelp_client;
 mod lapin_client;
 #[cfg(feature = "kelp")]
 mod library;
+#[cfg(feature = "kelp")]
+mod recovery;
 mod report;
 mod sink;
 
@@ -62,7 +68,8 @@ scenarios (default count):
   decode    a recorded stream of deliveries through each client's frame decoder        (1000000)
   memory    Producer -> memory:// -> Consumer + ack (kelp's full API), beside tokio mpsc   (1000000)
   library   publish and consume through kelp's Producer/Consumer (raw) vs kelp-amqp alone (100000)
-  all       every scenario above in turn
+  recovery  restarts RabbitMQ N times: broker back -> first kelp delivery (restarts)    (10)
+  all       every scenario above in turn except recovery
 
 options:
   --url URL        broker URL (default amqp://guest:guest@127.0.0.1:5672/%2f)
@@ -81,6 +88,7 @@ enum Scenario {
     Decode,
     Memory,
     Library,
+    Recovery,
 }
 
 impl Scenario {
@@ -105,6 +113,7 @@ impl Scenario {
             Self::Decode => "decode",
             Self::Memory => "memory",
             Self::Library => "library",
+            Self::Recovery => "recovery",
         }
     }
 
@@ -113,6 +122,7 @@ impl Scenario {
             Self::Publish | Self::Confirm | Self::Consume | Self::Library => 100_000,
             Self::Rpc => 5_000,
             Self::Sink | Self::Decode | Self::Memory => 1_000_000,
+            Self::Recovery => 10,
         }
     }
 }
@@ -212,6 +222,7 @@ fn parse_args(args: &[String]) -> BenchResult<Option<Config>> {
                     "all" => Scenario::ALL.to_vec(),
                     _ => vec![Scenario::ALL
                         .into_iter()
+                        .chain([Scenario::Recovery])
                         .find(|s| s.name() == name)
                         .ok_or_else(|| format!("unknown scenario {name:?}\n\n{USAGE}"))?],
                 });
@@ -259,7 +270,7 @@ async fn network_run(client: Client, scenario: Scenario, opts: &Opts) -> BenchRe
         (Client::Amqprs, Scenario::Consume) => amqprs_client::consume(opts).await?,
         (Client::Amqprs, Scenario::Rpc) => amqprs_client::rpc(opts).await?,
         (Client::Amqprs, Scenario::Sink) => amqprs_client::sink(&opts.url, opts.count).await?,
-        (_, Scenario::Decode | Scenario::Memory | Scenario::Library) => {
+        (_, Scenario::Decode | Scenario::Memory | Scenario::Library | Scenario::Recovery) => {
             return Err("not a per-client scenario".into())
         }
     };
@@ -274,7 +285,7 @@ async fn kelp_network_run(scenario: Scenario, opts: &Opts) -> BenchResult<Outcom
         Scenario::Consume => kelp_client::consume(opts).await?,
         Scenario::Rpc => kelp_client::rpc(opts).await?,
         Scenario::Sink => kelp_client::sink(&opts.url, opts.count).await?,
-        Scenario::Decode | Scenario::Memory | Scenario::Library => {
+        Scenario::Decode | Scenario::Memory | Scenario::Library | Scenario::Recovery => {
             return Err("not a per-client scenario".into())
         }
     };
@@ -414,8 +425,35 @@ fn run_library_scenario(
     Ok(())
 }
 
+/// `recovery`: `count` broker restarts.
+#[cfg(feature = "kelp")]
+fn run_recovery_scenario(
+    rt: &tokio::runtime::Runtime,
+    cfg: &Config,
+    count: u64,
+) -> BenchResult<()> {
+    let line = rt.block_on(async {
+        match tokio::time::timeout(RUN_TIMEOUT, recovery::recovery(&cfg.url, count)).await {
+            Ok(line) => line,
+            Err(_) => Err(format!("timed out after {RUN_TIMEOUT:?}").into()),
+        }
+    })?;
+    println!("{line}");
+    Ok(())
+}
+
+#[cfg(not(feature = "kelp"))]
+fn run_recovery_scenario(_: &tokio::runtime::Runtime, _: &Config, _: u64) -> BenchResult<()> {
+    println!("{KELP_NOT_BUILT}");
+    Ok(())
+}
+
 fn run_scenario(rt: &tokio::runtime::Runtime, scenario: Scenario, cfg: &Config) -> BenchResult<()> {
     let count = cfg.count.unwrap_or(scenario.default_count());
+    if scenario == Scenario::Recovery {
+        println!("# recovery: {count} RabbitMQ restarts (rabbitmqctl stop_app / start_app)");
+        return run_recovery_scenario(rt, cfg, count);
+    }
     if matches!(scenario, Scenario::Memory | Scenario::Library) {
         let best = match scenario {
             Scenario::Library => "least wall and least cpu",
