@@ -1,5 +1,6 @@
 //! A received message: body, properties, delivery info, and acknowledgement.
 
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
@@ -71,6 +72,22 @@ pub enum MessageState {
 }
 
 impl MessageState {
+    fn from_u8(v: u8) -> MessageState {
+        match v {
+            1 => MessageState::Acked,
+            2 => MessageState::Rejected,
+            3 => MessageState::Requeued,
+            _ => MessageState::Received,
+        }
+    }
+    fn as_u8(self) -> u8 {
+        match self {
+            MessageState::Received => 0,
+            MessageState::Acked => 1,
+            MessageState::Rejected => 2,
+            MessageState::Requeued => 3,
+        }
+    }
     fn name(self) -> &'static str {
         match self {
             MessageState::Received => "received",
@@ -105,9 +122,71 @@ pub struct Message {
     accept: Option<Arc<Accept>>,
     payload: OnceLock<Value>,
     plain: OnceLock<Bytes>,
+    /// Shared with a [`Settler`] when something else (a worker loop) settles the message if
+    /// its handler did not: whoever acts first wins, the other sees it settled.
+    shared: Option<Arc<AtomicU8>>,
+}
+
+/// Settles a message its handler left unsettled (see [`Message::settler`]).
+#[derive(Debug)]
+pub(crate) struct Settler {
+    channel: Option<Arc<dyn TransportChannel>>,
+    delivery_tag: u64,
+    no_ack: bool,
+    shared: Arc<AtomicU8>,
+}
+
+impl Settler {
+    /// Ack (`ok`) or reject it, unless it was settled already. Returns true if this call
+    /// settled it.
+    pub(crate) async fn settle(self, ok: bool, requeue: bool) -> Result<bool, Error> {
+        if self.no_ack {
+            return Ok(false);
+        }
+        let next = match (ok, requeue) {
+            (true, _) => MessageState::Acked,
+            (false, true) => MessageState::Requeued,
+            (false, false) => MessageState::Rejected,
+        };
+        if self
+            .shared
+            .compare_exchange(
+                MessageState::Received.as_u8(),
+                next.as_u8(),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_err()
+        {
+            return Ok(false);
+        }
+        if let Some(ch) = self.channel {
+            if ok {
+                ch.ack(self.delivery_tag, false).await?;
+            } else {
+                ch.reject(self.delivery_tag, requeue).await?;
+            }
+        }
+        Ok(true)
+    }
 }
 
 impl Message {
+    /// A handle that settles this message later unless it is settled first (by the message
+    /// itself, wherever it went).
+    pub(crate) fn settler(&mut self) -> Settler {
+        let shared = self
+            .shared
+            .get_or_insert_with(|| Arc::new(AtomicU8::new(self.state.as_u8())))
+            .clone();
+        Settler {
+            channel: self.channel.clone(),
+            delivery_tag: self.d.delivery_tag,
+            no_ack: self.no_ack,
+            shared,
+        }
+    }
+
     pub(crate) fn new(
         d: RawDelivery,
         channel: Arc<dyn TransportChannel>,
@@ -127,6 +206,7 @@ impl Message {
             accept: None,
             payload: OnceLock::new(),
             plain: OnceLock::new(),
+            shared: None,
         }
     }
 
@@ -342,7 +422,10 @@ impl Message {
     /// # fn demo(msg: &kelp::Message) { assert_eq!(msg.state(), kelp::MessageState::Received); }
     /// ```
     pub fn state(&self) -> MessageState {
-        self.state
+        match &self.shared {
+            Some(s) => MessageState::from_u8(s.load(Ordering::Acquire)),
+            None => self.state,
+        }
     }
 
     /// True once acknowledged, rejected or requeued.
@@ -351,7 +434,7 @@ impl Message {
     /// # fn demo(msg: &kelp::Message) { assert!(!msg.acknowledged()); }
     /// ```
     pub fn acknowledged(&self) -> bool {
-        self.state != MessageState::Received
+        self.state() != MessageState::Received
     }
 
     fn take(
@@ -362,6 +445,22 @@ impl Message {
         if self.no_ack {
             // Kombu: acknowledging a no-ack message does nothing.
             return Ok(None);
+        }
+        if let Some(shared) = &self.shared {
+            if let Err(cur) = shared.compare_exchange(
+                MessageState::Received.as_u8(),
+                next.as_u8(),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                self.state = MessageState::from_u8(cur);
+                return Err(Error::MessageState {
+                    state: self.state.name(),
+                    action,
+                });
+            }
+            self.state = next;
+            return Ok(self.channel.clone());
         }
         if self.state != MessageState::Received {
             return Err(Error::MessageState {
