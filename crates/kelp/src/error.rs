@@ -21,7 +21,7 @@ use crate::transport::virtual_broker::BrokerError;
 pub enum Error {
     /// The URL names a scheme no transport handles.
     #[error(
-        "unknown transport `{scheme}` in URL {url}: kelp knows amqp://, amqps:// and memory://"
+        "unknown transport `{scheme}` in URL {url}: kelp knows amqp://, amqps://, redis:// and memory://"
     )]
     UnknownTransport {
         /// The scheme found.
@@ -118,6 +118,15 @@ pub enum Error {
         queue: String,
     },
     /// A header or property value cannot be carried by the transport.
+    /// A Redis command failed.
+    #[error("Redis {context}: {source}")]
+    Redis {
+        /// What kelp was doing.
+        context: &'static str,
+        /// The `redis` crate's error.
+        #[source]
+        source: std::sync::Arc<redis::RedisError>,
+    },
     /// An ack, nack or reject for a message delivered before a robust connection recovered: its
     /// delivery tag means nothing on the new channel. The broker delivers the message again
     /// (with `redelivered` set), so the usual handling is to log and move on.
@@ -175,6 +184,12 @@ impl Error {
             ),
             Error::Closed { what } => *what == "connection",
             Error::Timeout { .. } | Error::ConnectionDown { .. } => true,
+            Error::Redis { source, .. } => {
+                source.is_io_error()
+                    || source.is_connection_dropped()
+                    || source.is_connection_refusal()
+                    || source.is_timeout()
+            }
             _ => false,
         }
     }

@@ -258,6 +258,9 @@ pub async fn open(
             super::amqp::AmqpTransport::connect(url, options).await?,
         )),
         "memory" => Ok(Arc::new(super::memory::MemoryTransport::open(url)?)),
+        "redis" => Ok(Arc::new(
+            super::redis::RedisTransport::connect(url, options).await?,
+        )),
         _ => Err(Error::UnknownTransport {
             scheme: scheme.to_owned(),
             url: crate::error::mask_url(url),

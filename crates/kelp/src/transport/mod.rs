@@ -12,4 +12,5 @@ pub mod virtual_broker;
 pub mod amqp;
 mod core;
 pub mod memory;
+pub mod redis;
 pub use self::core::*;

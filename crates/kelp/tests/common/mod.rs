@@ -43,6 +43,7 @@ macro_rules! define_transports {
 define_transports! {$
     memory => crate::common::memory_url,
     amqp => crate::common::amqp_url,
+    redis => crate::common::redis_url,
 }
 
 /// Runs conformance tests on every transport. Each test is a plain
@@ -58,10 +59,12 @@ define_transports! {$
 ///
 /// Each name gets a module with one `#[tokio::test]` per transport (`name::memory`,
 /// `name::amqp`, …). `#[known_bug(t1, t2; "BUG: …")]` marks the test `#[ignore]` on the
-/// transports listed; it still runs with `--ignored`. A test left out of the list is an
+/// transports listed; it still runs with `--ignored`. `#[not_on(t; "N/A on t: why")]` does the
+/// same for a behaviour the transport does not have by design (Kombu's Redis transport has no
+/// TTLs, for one); the reason is printed with the ignored test. A test left out of the list is an
 /// unused function, which `clippy -D warnings` refuses.
 macro_rules! conformance_tests {
-    ($( $(#[known_bug($($bug:ident),+ ; $why:literal)])? $name:ident ),* $(,)?) => {$(
+    ($( $(#[$mark:ident($($bug:ident),+ ; $why:literal)])? $name:ident ),* $(,)?) => {$(
         mod $name {
             for_each_transport!(conformance_test!($name, [$($($bug)+ ; $why)?]));
         }
@@ -129,6 +132,13 @@ pub fn amqp_url(test: &str) -> Option<String> {
     let url =
         std::env::var("KELP_AMQP_URL").unwrap_or_else(|_| format!("amqp://guest:guest@{addr}/%2f"));
     server_up(test, "RabbitMQ", &addr).then_some(url)
+}
+
+/// The local Redis (`KELP_REDIS_URL`, `KELP_REDIS_ADDR` override), or `None` with a SKIP line.
+pub fn redis_url(test: &str) -> Option<String> {
+    let addr = std::env::var("KELP_REDIS_ADDR").unwrap_or_else(|_| "127.0.0.1:6379".into());
+    let url = std::env::var("KELP_REDIS_URL").unwrap_or_else(|_| format!("redis://{addr}/0"));
+    server_up(test, "Redis", &addr).then_some(url)
 }
 
 /// True if something answers on `addr`. Otherwise a visible SKIP line, or a panic under

@@ -14,6 +14,7 @@ conformance_tests! {
     settling_twice_is_an_error,
     unacked_returns_redelivered_when_channel_closes,
     requeue_redelivers_with_flag,
+    #[not_on(redis; "N/A on redis: Kombu requeues with LPUSH, after what is already queued")]
     requeue_goes_back_to_the_head,
     reject_without_requeue_drops,
     nack_multiple_requeues_all_earlier,
@@ -21,16 +22,23 @@ conformance_tests! {
     ack_multiple_acks_all_earlier,
     recover_redelivers_unacked,
     prefetch_limits_unacked_deliveries,
+    #[not_on(redis; "N/A on redis: Kombu's Redis QoS is per channel")]
     prefetch_is_per_consumer,
     prefetch_zero_is_unlimited,
     no_ack_consumer_ignores_prefetch,
+    #[not_on(redis; "N/A on redis: Kombu requeues with LPUSH, after what is already queued")]
     nack_multiple_requeues_in_original_order,
+    #[not_on(redis; "N/A on redis: Kombu requeues with LPUSH, after what is already queued")]
     individual_requeues_restore_original_order,
     prefetch_global_limits_the_channel,
+    #[not_on(redis; "N/A on redis: Kombu's Redis QoS is per channel")]
     prefetch_change_applies_to_new_consumers,
+    #[not_on(redis; "N/A on redis: no AMQP channel-level errors on Redis")]
     ack_of_settled_tag_closes_the_channel,
+    #[not_on(redis; "N/A on redis: no AMQP channel-level errors on Redis")]
     channel_error_closes_the_channel,
     ack_after_channel_close_is_an_error,
+    #[not_on(redis; "N/A on redis: every name is a queue (lists spring into being) and exchanges live in the declaring process")]
     consume_and_get_missing_queue_is_404,
     empty_and_large_bodies,
     dropping_a_channel_requeues_its_unacked,

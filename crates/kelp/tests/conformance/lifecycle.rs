@@ -10,32 +10,47 @@ use crate::common::*;
 
 conformance_tests! {
     purge_returns_count,
+    #[not_on(redis; "N/A on redis: every name is a queue (lists spring into being) and exchanges live in the declaring process")]
     queue_delete_returns_count_and_removes_queue,
+    #[not_on(redis; "N/A on redis: no queue ownership, auto-delete, consumer registry or queue arguments on Kombu's Redis transport")]
     queue_delete_if_empty_and_if_unused,
+    #[not_on(redis; "N/A on redis: a queue is a list; deleting it from elsewhere cancels no consumer")]
     server_side_cancel_reaches_consumer_stream,
+    #[not_on(redis; "N/A on redis: a queue is a list; deleting it from elsewhere cancels no consumer")]
     server_side_cancel_reaches_next,
+    #[not_on(redis; "N/A on redis: a queue is a list; deleting it from elsewhere cancels no consumer")]
     server_side_cancel_reaches_drain_events,
     client_cancel_ends_stream,
     one_consumer_many_queues,
     competing_consumers_share_a_queue,
     passive_declare_of_missing_entities_is_404,
+    #[not_on(redis; "N/A on redis: no queue ownership, auto-delete, consumer registry or queue arguments on Kombu's Redis transport")]
     redeclare_with_different_arguments_is_406,
+    #[not_on(redis; "N/A on redis: no queue ownership, auto-delete, consumer registry or queue arguments on Kombu's Redis transport")]
     exclusive_queue_is_locked_to_its_connection,
+    #[not_on(redis; "N/A on redis: no queue ownership, auto-delete, consumer registry or queue arguments on Kombu's Redis transport")]
     auto_delete_queue_goes_with_last_consumer,
     closing_the_channel_ends_the_consumer,
     callbacks_run_in_order,
+    #[not_on(redis; "N/A on redis: a queue is a list; deleting it from elsewhere cancels no consumer")]
     ack_after_server_side_cancel_is_fine,
     ack_after_client_cancel_is_fine,
     dropping_a_consumer_stops_deliveries_to_it,
+    #[not_on(redis; "N/A on redis: every name is a queue (lists spring into being) and exchanges live in the declaring process")]
     idempotent_deletes_and_404s,
     queue_names_server_generated_and_reserved,
+    #[not_on(redis; "N/A on redis: no queue ownership, auto-delete, consumer registry or queue arguments on Kombu's Redis transport")]
     exclusive_queue_refuses_other_connections,
     auto_delete_queue_without_consumers_stays,
+    #[not_on(redis; "N/A on redis: no queue ownership, auto-delete, consumer registry or queue arguments on Kombu's Redis transport")]
     single_active_consumer,
+    #[not_on(redis; "N/A on redis: no queue ownership, auto-delete, consumer registry or queue arguments on Kombu's Redis transport")]
     consumer_priority_prefers_higher,
     waiting_consumers_share_round_robin,
     closing_the_connection_requeues_unacked,
+    #[not_on(redis; "N/A on redis: a queue is a list; deleting it from elsewhere cancels no consumer")]
     server_cancel_of_one_queue_leaves_the_others,
+    #[not_on(redis; "N/A on redis: a queue is a list; deleting it from elsewhere cancels no consumer")]
     consume_again_after_server_cancel_resumes,
     add_queue_and_cancel_by_queue,
     consumer_tags_and_delivery_info,

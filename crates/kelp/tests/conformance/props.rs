@@ -10,34 +10,56 @@ use kelp::{DeliveryMode, Error, Producer, PublishOptions, Queue};
 use crate::common::*;
 
 conformance_tests! {
+    #[not_on(redis; "N/A on redis: Kombu's Redis transport has no TTLs (x-message-ttl, expiration, x-expires)")]
     queue_message_ttl_expires,
+    #[not_on(redis; "N/A on redis: Kombu's Redis transport has no TTLs (x-message-ttl, expiration, x-expires)")]
     per_message_expiration,
+    #[not_on(redis; "N/A on redis: Kombu's Redis transport has no TTLs (x-message-ttl, expiration, x-expires)")]
     expired_message_not_delivered_to_waiting_consumer,
+    #[not_on(redis; "N/A on redis: Kombu's Redis priority_steps serve lower numbers first, unlike AMQP")]
     priority_queue_serves_highest_first,
     plain_queue_ignores_priority,
+    #[not_on(redis; "N/A on redis: Kombu's Redis transport has no dead-lettering")]
     dead_letter_on_reject,
+    #[not_on(redis; "N/A on redis: Kombu's Redis transport has no dead-lettering")]
     dead_letter_on_nack_with_routing_key,
     requeue_does_not_dead_letter,
+    #[not_on(redis; "N/A on redis: Kombu's Redis transport has no dead-lettering")]
     dead_letter_on_queue_ttl_expiry,
+    #[not_on(redis; "N/A on redis: Kombu's Redis transport has no dead-lettering")]
     dead_letter_on_message_expiration,
+    #[not_on(redis; "N/A on redis: Kombu's Redis transport has no queue length limits")]
     max_length_drops_head,
+    #[not_on(redis; "N/A on redis: Kombu's Redis transport has no queue length limits")]
     max_length_dead_letters_dropped_head,
+    #[not_on(redis; "N/A on redis: Kombu's Redis transport has no queue length limits")]
     max_length_reject_publish_nacks,
     publisher_confirms_ack,
+    #[not_on(redis; "N/A on redis: every name is a queue (lists spring into being) and exchanges live in the declaring process")]
     mandatory_unroutable_with_confirms_is_returned,
+    #[not_on(redis; "N/A on redis: every name is a queue (lists spring into being) and exchanges live in the declaring process")]
     mandatory_unroutable_without_confirms_reaches_on_return,
     properties_round_trip,
     publish_defaults_match_kombu,
     immediate_is_refused,
+    #[not_on(redis; "N/A on redis: Kombu's Redis transport has no TTLs (x-message-ttl, expiration, x-expires)")]
     expiration_zero_reaches_only_a_ready_consumer,
+    #[not_on(redis; "N/A on redis: Kombu's Redis transport has no queue length limits")]
     max_length_bytes_drops_head,
+    #[not_on(redis; "N/A on redis: Kombu's Redis transport has no TTLs (x-message-ttl, expiration, x-expires)")]
     queue_expires_when_unused,
+    #[not_on(redis; "N/A on redis: Kombu's Redis transport has no dead-lettering")]
     x_death_counts_repeated_dead_lettering,
+    #[not_on(redis; "N/A on redis: no queue ownership, auto-delete, consumer registry or queue arguments on Kombu's Redis transport")]
     declare_ok_reports_counts,
+    #[not_on(redis; "N/A on redis: Kombu's Redis transport has no queue length limits")]
     max_length_reject_publish_dlx,
+    #[not_on(redis; "N/A on redis: every name is a queue (lists spring into being) and exchanges live in the declaring process")]
     returned_under_confirms_is_not_also_sent_to_on_return,
+    #[not_on(redis; "N/A on redis: Kombu's Redis priority_steps serve lower numbers first, unlike AMQP")]
     priority_order_reaches_a_consumer,
     concurrent_confirmed_publishes,
+    #[not_on(redis; "N/A on redis: every name is a queue (lists spring into being) and exchanges live in the declaring process")]
     concurrent_mandatory_returns_go_to_the_right_publish,
 }
 
