@@ -341,7 +341,7 @@ mod tests {
         let d = decode(raw).unwrap();
         assert_eq!(d.tag, "abac1e28-bf9a-4311-ac8a-f627d08383d9");
         assert_eq!(d.routing_key, "a.b");
-        assert_eq!(d.body.len(), 18);
+        assert_eq!(d.body.len(), 16);
         let h = d.properties.headers.unwrap();
         assert_eq!(
             h.get("compression").and_then(FieldValue::as_str),
