@@ -13,6 +13,7 @@ pub mod transport;
 
 pub mod blocking;
 pub mod bound;
+pub mod celery;
 pub mod channel;
 pub mod compat;
 pub mod connection;
