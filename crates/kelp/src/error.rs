@@ -118,6 +118,15 @@ pub enum Error {
         queue: String,
     },
     /// A header or property value cannot be carried by the transport.
+    /// A stored entry is not a message (a Redis list entry that is not Kombu's envelope, …).
+    /// Its raw bytes are the message body; reject it to drop it.
+    #[error("the {transport} entry is not a message: {reason}")]
+    InvalidEntry {
+        /// The transport it came from.
+        transport: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A Redis command failed.
     #[error("Redis {context}: {source}")]
     Redis {

@@ -262,6 +262,20 @@ impl Message {
     }
 
     fn check_accept(&self) -> Result<(), Error> {
+        // A transport entry that was not a message at all (e.g. a Redis list entry that is not
+        // Kombu's envelope): its raw bytes are the body, but it never decodes.
+        if self.content_type() == Some(crate::transport::INVALID_ENTRY_CONTENT_TYPE) {
+            let reason = self
+                .headers()
+                .and_then(|h| h.get("x-kelp-envelope-error"))
+                .and_then(kelp_amqp::FieldValue::as_str)
+                .unwrap_or("not a message")
+                .to_owned();
+            return Err(Error::InvalidEntry {
+                transport: self.channel.as_ref().map(|c| c.transport()).unwrap_or(""),
+                reason,
+            });
+        }
         match &self.accept {
             Some(a) => a.check(self.content_type())?,
             None => default_accept().check(self.content_type())?,

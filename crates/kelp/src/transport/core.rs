@@ -12,6 +12,11 @@ use kelp_amqp::{BasicProperties, FieldTable, ShortString};
 
 use crate::error::Error;
 
+/// The content type a transport gives a stored entry that is not a message (its raw bytes are
+/// the body; the reason is in the `x-kelp-envelope-error` header). Decoding it fails with
+/// [`Error::InvalidEntry`], so it reaches `on_decode_error` and is never silently lost.
+pub const INVALID_ENTRY_CONTENT_TYPE: &str = "application/x-kelp-invalid-entry";
+
 /// A boxed, sendable future: what the object-safe transport traits return.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 

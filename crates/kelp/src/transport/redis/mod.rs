@@ -574,7 +574,7 @@ impl RedisChannel {
                     routing_key: ShortString::from(queue),
                     consumer_tag: ShortString::from(consumer_tag),
                     properties: BasicProperties {
-                        content_type: Some("application/x-kelp-invalid-envelope".into()),
+                        content_type: Some(super::INVALID_ENTRY_CONTENT_TYPE.into()),
                         headers: Some(headers),
                         ..Default::default()
                     },
