@@ -1,1 +1,3 @@
 //! Compatibility surfaces of older Python APIs (carrot).
+
+pub mod carrot;
