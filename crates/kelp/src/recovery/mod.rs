@@ -67,6 +67,7 @@ pub(crate) fn is_connection_loss(e: &crate::Error) -> bool {
                 | kelp_amqp::Error::Url(_)
         ),
         crate::Error::Closed { what } => *what == "connection",
+        crate::Error::Redis { .. } => e.is_connection_error(),
         _ => false,
     }
 }

@@ -41,7 +41,14 @@ impl Builtin {
         value: &T,
     ) -> Result<Vec<u8>, SerializationError> {
         match self {
-            Builtin::Json => serde_json::to_vec(value).map_err(|e| encode_err("json", e)),
+            Builtin::Json => {
+                let mut out = Vec::with_capacity(128);
+                let mut ser = serde_json::Serializer::with_formatter(&mut out, PyJsonFormatter);
+                value
+                    .serialize(&mut ser)
+                    .map_err(|e| encode_err("json", e))?;
+                Ok(out)
+            }
             Builtin::Msgpack => {
                 rmp_serde::to_vec_named(value).map_err(|e| encode_err("msgpack", e))
             }
@@ -400,3 +407,77 @@ builtin_serializer!(
     /// `text` — `text/plain`, `utf-8`: a string in, the same string out.
     TextSerializer => Text
 );
+
+/// Writes JSON the way Python's `json.dumps` does by default, which is what Kombu sends:
+/// `", "` and `": "` separators and non-ASCII characters escaped as `\uXXXX` (surrogate pairs
+/// beyond the BMP). A Kombu peer and kelp then put the same bytes on the wire.
+struct PyJsonFormatter;
+
+impl serde_json::ser::Formatter for PyJsonFormatter {
+    fn begin_array_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            writer.write_all(b", ")
+        }
+    }
+    fn begin_object_key<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            writer.write_all(b", ")
+        }
+    }
+    fn begin_object_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+    ) -> std::io::Result<()> {
+        writer.write_all(b": ")
+    }
+    fn write_string_fragment<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        fragment: &str,
+    ) -> std::io::Result<()> {
+        if fragment.is_ascii() {
+            return writer.write_all(fragment.as_bytes());
+        }
+        let mut start = 0;
+        for (i, c) in fragment.char_indices() {
+            if c.is_ascii() {
+                continue;
+            }
+            writer.write_all(&fragment.as_bytes()[start..i])?;
+            let mut units = [0u16; 2];
+            for u in c.encode_utf16(&mut units) {
+                write!(writer, "\\u{u:04x}")?;
+            }
+            start = i + c.len_utf8();
+        }
+        writer.write_all(&fragment.as_bytes()[start..])
+    }
+}
+
+#[cfg(test)]
+mod py_json_tests {
+    use super::*;
+
+    #[test]
+    fn json_bytes_match_pythons_json_dumps() {
+        // json.dumps({"x": 1, "l": [1, 2], "s": "é😀"}) in Python 3.11.
+        let v = serde_json::json!({"x": 1, "l": [1, 2], "s": "é😀"});
+        let out = Builtin::Json.encode_typed(&v).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            r#"{"l": [1, 2], "s": "\u00e9\ud83d\ude00", "x": 1}"#
+        );
+    }
+}

@@ -109,6 +109,23 @@ impl Shared {
         self.closed.borrow().is_some()
     }
 
+    /// A connection error closes the transport (a robust connection then reconnects); other
+    /// errors pass through.
+    fn note(&self, e: Error) -> Error {
+        if e.is_connection_error() {
+            self.closed.send_if_modified(|c| {
+                if c.is_none() {
+                    tracing::warn!(error = %e, "Redis connection lost");
+                    *c = Some(e.clone());
+                    true
+                } else {
+                    false
+                }
+            });
+        }
+        e
+    }
+
     fn kind_of(&self, exchange: &str) -> Option<String> {
         self.exchanges
             .lock()
@@ -643,6 +660,7 @@ impl RedisChannel {
                     let err = rerr("waiting for messages")(e);
                     tracing::warn!(error = %err, "consumer loop");
                     if err.is_connection_error() {
+                        let err = ch.shared.note(err);
                         ch.fail_consumers(err);
                         return;
                     }
@@ -858,7 +876,7 @@ impl RedisChannel {
                 }
                 pipe.query_async::<()>(&mut self.shared.conn())
                     .await
-                    .map_err(rerr("acknowledging"))?;
+                    .map_err(|e| self.shared.note(rerr("acknowledging")(e)))?;
             }
         }
         Ok(())
@@ -1227,7 +1245,11 @@ impl TransportChannel for RedisChannel {
                     .await
                     .map_err(rerr("publishing to a fanout exchange"))?;
             } else {
-                let queues = self.shared.lookup(exchange, routing_key).await?;
+                let queues = self
+                    .shared
+                    .lookup(exchange, routing_key)
+                    .await
+                    .map_err(|e| self.shared.note(e))?;
                 if queues.is_empty() {
                     if mandatory {
                         let r = RawReturn {
@@ -1264,7 +1286,7 @@ impl TransportChannel for RedisChannel {
                 }
                 pipe.query_async::<()>(&mut self.shared.conn())
                     .await
-                    .map_err(rerr("publishing"))?;
+                    .map_err(|e| self.shared.note(rerr("publishing")(e)))?;
             }
             Ok(if self.confirm.load(Ordering::Acquire) {
                 PublishOutcome::Acked
@@ -1286,7 +1308,7 @@ impl TransportChannel for RedisChannel {
                     .arg(&k)
                     .query_async(&mut conn)
                     .await
-                    .map_err(rerr("getting a message"))?;
+                    .map_err(|e| self.shared.note(rerr("getting a message")(e)))?;
                 if let Some(raw) = item {
                     let decoded = envelope::decode(raw.as_bytes());
                     let tag = self.track(&raw, &decoded, no_ack).await?;
