@@ -622,3 +622,149 @@ async fn blocked_broker_pauses_publishers_until_unblocked() {
         .expect("delete");
     assert_eq!(n, 2, "both messages arrived");
 }
+
+fn redis_up() -> bool {
+    std::net::TcpStream::connect_timeout(
+        &std::net::SocketAddr::from(([127, 0, 0, 1], 6379)),
+        Duration::from_secs(1),
+    )
+    .is_ok()
+}
+
+fn start_redis() {
+    let _ = std::process::Command::new("redis-server")
+        .args([
+            "--daemonize",
+            "yes",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            "6379",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .status();
+    for _ in 0..100 {
+        if redis_up() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Whatever happens, Redis is left running.
+struct LeaveRedisRunning;
+
+impl Drop for LeaveRedisRunning {
+    fn drop(&mut self) {
+        if !redis_up() {
+            start_redis();
+        }
+    }
+}
+
+async fn redis_round(producer: &Producer, exchange: &str, consumer: &mut Consumer, label: &str) {
+    producer
+        .publish(
+            label.to_owned(),
+            PublishOptions::default()
+                .exchange(exchange)
+                .routing_key("f.x"),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("publish {label}: {e}"));
+    let mut m = tokio::time::timeout(Duration::from_secs(20), consumer.next())
+        .await
+        .unwrap_or_else(|_| panic!("{label}: no delivery"))
+        .expect("consumer ended")
+        .expect("delivery");
+    assert_eq!(m.body().as_ref(), label.as_bytes());
+    let _ = m.ack().await;
+}
+
+async fn redis_cli(args: &'static [&'static str]) {
+    let status = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("redis-cli").args(args).status()
+    })
+    .await
+    .unwrap()
+    .expect("redis-cli");
+    assert!(status.success(), "redis-cli {args:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_client_kill_and_restart_are_recovered() {
+    let _serial = SERIAL.lock().await;
+    let Some(url) = common::redis_url("fault_injection::redis") else {
+        return;
+    };
+    let _leave_running = LeaveRedisRunning;
+    let conn = Connection::builder()
+        .url(&url)
+        .connect_timeout(Duration::from_secs(2))
+        .recovery(recovery_options())
+        .connect()
+        .await
+        .expect("robust redis connection");
+    let reconnects = Arc::new(AtomicU64::new(0));
+    {
+        let reconnects = reconnects.clone();
+        conn.on_event(move |e| {
+            if matches!(e, RecoveryEvent::Reconnected { .. }) {
+                reconnects.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+    }
+    let ch = conn.channel().await.expect("channel");
+    let ex = common::unique("redis-fault-ex");
+    let q = common::unique("redis-fault-q");
+    let topic = Exchange::topic(&ex);
+    ch.declare_exchange(topic.clone()).await.expect("exchange");
+    let queue = Queue::new(&q).exchange(topic.clone()).routing_key("f.*");
+    ch.declare_queue(queue.clone()).await.expect("queue");
+    let mut consumer = Consumer::builder(&ch)
+        .queue(queue.no_declare(true))
+        .build()
+        .await
+        .expect("consumer");
+    let producer = Producer::new(&ch);
+    redis_round(&producer, &topic.name, &mut consumer, "before").await;
+    let started = Instant::now();
+    redis_cli(&["CLIENT", "KILL", "TYPE", "normal"]).await;
+    wait_until(
+        "reconnect after CLIENT KILL",
+        Duration::from_secs(20),
+        || reconnects.load(Ordering::Relaxed) >= 1,
+    )
+    .await;
+    redis_round(&producer, &topic.name, &mut consumer, "after client kill").await;
+    println!(
+        "redis CLIENT KILL: recovered and delivering after {:?}",
+        started.elapsed()
+    );
+    // A restart loses everything (no persistence here): the robust connection declares its
+    // binding again, so routing works as soon as it is back.
+    let started = Instant::now();
+    let _ = tokio::task::spawn_blocking(|| {
+        std::process::Command::new("redis-cli")
+            .args(["SHUTDOWN", "NOSAVE"])
+            .status()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::task::spawn_blocking(start_redis).await.unwrap();
+    assert!(redis_up(), "Redis is back");
+    wait_until("reconnect after restart", Duration::from_secs(30), || {
+        reconnects.load(Ordering::Relaxed) >= 2
+    })
+    .await;
+    redis_round(&producer, &topic.name, &mut consumer, "after restart").await;
+    println!(
+        "redis restart: recovered and delivering after {:?}",
+        started.elapsed()
+    );
+    let _ = ch.raw().queue_delete(&q, false, false).await;
+    let _ = ch.raw().exchange_delete(&ex, false).await;
+}
