@@ -21,7 +21,7 @@ use crate::transport::virtual_broker::BrokerError;
 pub enum Error {
     /// The URL names a scheme no transport handles.
     #[error(
-        "unknown transport `{scheme}` in URL {url}: kelp knows amqp://, amqps://, redis:// and memory://"
+        "unknown transport `{scheme}` in URL {url}: kelp knows amqp://, amqps://, redis://, sqlite:// and memory://"
     )]
     UnknownTransport {
         /// The scheme found.
@@ -125,6 +125,16 @@ pub enum Error {
         /// The transport it came from.
         transport: &'static str,
         /// What is wrong with it.
+        reason: String,
+    },
+    /// The SQLite file of a `sqlite://` transport could not be used.
+    #[error("SQLite file {path}: {what}: {reason}")]
+    Sqlite {
+        /// The file.
+        path: String,
+        /// What kelp was doing.
+        what: &'static str,
+        /// SQLite's message (or what is wrong with the file).
         reason: String,
     },
     /// A Redis command failed.

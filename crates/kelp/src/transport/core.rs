@@ -263,6 +263,7 @@ pub async fn open(
             super::amqp::AmqpTransport::connect(url, options).await?,
         )),
         "memory" => Ok(Arc::new(super::memory::MemoryTransport::open(url)?)),
+        "sqlite" => Ok(Arc::new(super::sqlite::SqliteTransport::open(url).await?)),
         "redis" => Ok(Arc::new(
             super::redis::RedisTransport::connect(url, options).await?,
         )),

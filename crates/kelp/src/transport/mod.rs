@@ -13,4 +13,5 @@ pub mod amqp;
 mod core;
 pub mod memory;
 pub mod redis;
+pub mod sqlite;
 pub use self::core::*;

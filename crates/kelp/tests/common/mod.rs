@@ -44,6 +44,7 @@ define_transports! {$
     memory => crate::common::memory_url,
     amqp => crate::common::amqp_url,
     redis => crate::common::redis_url,
+    sqlite => crate::common::sqlite_url,
 }
 
 /// Runs conformance tests on every transport. Each test is a plain
@@ -132,6 +133,17 @@ pub fn amqp_url(test: &str) -> Option<String> {
     let url =
         std::env::var("KELP_AMQP_URL").unwrap_or_else(|_| format!("amqp://guest:guest@{addr}/%2f"));
     server_up(test, "RabbitMQ", &addr).then_some(url)
+}
+
+/// A fresh SQLite file per test under the system temp dir: always there, never shared.
+pub fn sqlite_url(test: &str) -> Option<String> {
+    let dir = std::env::temp_dir().join("kelp-conformance");
+    let _ = std::fs::create_dir_all(&dir);
+    Some(format!(
+        "sqlite://{}/{}.db",
+        dir.display(),
+        unique(&test.replace("::", "."))
+    ))
 }
 
 /// The local Redis (`KELP_REDIS_URL`, `KELP_REDIS_ADDR` override), or `None` with a SKIP line.

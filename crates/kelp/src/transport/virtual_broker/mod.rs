@@ -47,6 +47,7 @@
 
 mod broker;
 mod deadletter;
+pub(crate) use deadletter::dead_lettered;
 mod error;
 mod exchange;
 mod headers;
