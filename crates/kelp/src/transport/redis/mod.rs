@@ -440,11 +440,11 @@ pub struct RedisChannel {
 
 impl Drop for RedisChannel {
     fn drop(&mut self) {
-        for slot in [&self.pump, &self.fanout] {
-            if let Ok(mut p) = slot.lock() {
-                if let Some(h) = p.take() {
-                    h.abort();
-                }
+        // The consumer loop is not aborted: a BRPOP in flight may already have taken a
+        // message, which the loop puts back when it returns and finds the channel gone.
+        if let Ok(mut p) = self.fanout.lock() {
+            if let Some(h) = p.take() {
+                h.abort();
             }
         }
         // Unacked messages go back (served next), as Kombu does when a channel closes.
@@ -652,6 +652,14 @@ impl RedisChannel {
             };
             match got {
                 Ok(None) => continue,
+                Ok(Some((key, raw))) if ch.closed.load(Ordering::Acquire) => {
+                    let _: Result<(), _> = redis::cmd("RPUSH")
+                        .arg(key)
+                        .arg(raw)
+                        .query_async(&mut conn)
+                        .await;
+                    return;
+                }
                 Ok(Some((key, raw))) => {
                     let queue = queue_of_key(&ch.shared.opts, &key);
                     ch.dispatch(&queue, raw).await;
@@ -1439,11 +1447,10 @@ impl TransportChannel for RedisChannel {
                 return Ok(());
             }
             self.wake.notify_waiters();
-            for slot in [&self.pump, &self.fanout] {
-                if let Ok(mut p) = slot.lock() {
-                    if let Some(h) = p.take() {
-                        h.abort();
-                    }
+            // The consumer loop ends by itself; what a BRPOP in flight takes goes back.
+            if let Ok(mut p) = self.fanout.lock() {
+                if let Some(h) = p.take() {
+                    h.abort();
                 }
             }
             let tags: Vec<String> = match self.state.lock() {

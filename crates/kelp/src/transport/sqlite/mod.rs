@@ -162,6 +162,9 @@ struct Shared {
     channels: Mutex<Vec<Weak<SqliteChannel>>>,
     next_channel: AtomicU64,
     consumers: ConsumerCounts,
+    /// Bumped by this connection's own writes that can make messages ready (SQLite's
+    /// `data_version` only moves for other connections' commits).
+    local_writes: AtomicU64,
 }
 
 impl Shared {
@@ -235,6 +238,7 @@ impl SqliteTransport {
             channels: Mutex::new(Vec::new()),
             next_channel: AtomicU64::new(1),
             consumers: counts_for(&path_for_counts),
+            local_writes: AtomicU64::new(0),
         });
         // Keep this connection's leases alive while it lives.
         let weak = Arc::downgrade(&shared);
@@ -304,6 +308,7 @@ impl Transport for SqliteTransport {
             self.shared
                 .closed
                 .send_replace(Some(Error::Closed { what: "connection" }));
+            self.shared.local_writes.fetch_add(1, Ordering::AcqRel);
             self.shared.wake.notify_waiters();
             r
         })
@@ -338,6 +343,7 @@ impl Drop for SqliteTransport {
                 shared
                     .closed
                     .send_replace(Some(Error::Closed { what: "connection" }));
+                shared.local_writes.fetch_add(1, Ordering::AcqRel);
                 shared.wake.notify_waiters();
             });
         }
@@ -402,6 +408,7 @@ impl Drop for SqliteChannel {
         if let Ok(h) = tokio::runtime::Handle::try_current() {
             h.spawn(async move {
                 let _ = shared.write(move |tx, _| store::release(tx, &ids)).await;
+                shared.local_writes.fetch_add(1, Ordering::AcqRel);
                 shared.wake.notify_waiters();
             });
         }
@@ -502,7 +509,7 @@ impl SqliteChannel {
     /// there are none.
     async fn pump(weak: Weak<SqliteChannel>) {
         let mut idle = Duration::from_millis(1);
-        let mut last_version: Option<i64> = None;
+        let mut last_version: Option<(i64, u64)> = None;
         let mut last_full = tokio::time::Instant::now();
         loop {
             let Some(ch) = weak.upgrade() else { return };
@@ -562,15 +569,12 @@ impl SqliteChannel {
             // Nothing changed anywhere since the last empty look: skip the write transaction
             // (but look for real every second: leases and TTLs run out with time alone).
             if idle > Duration::from_millis(1) && last_full.elapsed() < Duration::from_secs(1) {
-                let v = ch
-                    .shared
-                    .run(|c, _, path| {
-                        store::data_version(c).map_err(store::db_err(path, "polling"))
-                    })
-                    .await
-                    .ok();
+                // Listen before looking, so a publish between the look and the wait counts.
+                let wake = ch.shared.wake.notified();
+                tokio::pin!(wake);
+                wake.as_mut().enable();
+                let v = ch.version().await;
                 if v.is_some() && v == last_version {
-                    let wake = ch.shared.wake.notified();
                     let credit = ch.credit.notified();
                     let wait = idle;
                     tokio::select! {
@@ -658,13 +662,7 @@ impl SqliteChannel {
             } else {
                 idle = (idle * 2).clamp(Duration::from_millis(2), ch.shared.opts.poll_interval);
                 if last_version.is_none() {
-                    last_version = ch
-                        .shared
-                        .run(|c, _, path| {
-                            store::data_version(c).map_err(store::db_err(path, "polling"))
-                        })
-                        .await
-                        .ok();
+                    last_version = ch.version().await;
                 }
             }
         }
@@ -705,6 +703,7 @@ impl SqliteChannel {
             let shared = self.shared.clone();
             tokio::spawn(async move {
                 let _ = shared.write(move |tx, _| store::release(tx, &ids)).await;
+                shared.local_writes.fetch_add(1, Ordering::AcqRel);
                 shared.wake.notify_waiters();
             });
         }
@@ -720,6 +719,17 @@ impl SqliteChannel {
             + 'static,
     ) -> Result<T, Error> {
         self.shared.write(f).await.map_err(|e| self.soft_error(e))
+    }
+
+    /// What changes when anything may have become ready: other connections' commits
+    /// (`data_version`) and this connection's own writes.
+    async fn version(&self) -> Option<(i64, u64)> {
+        let local = self.shared.local_writes.load(Ordering::Acquire);
+        self.shared
+            .run(|c, _, path| store::data_version(c).map_err(store::db_err(path, "polling")))
+            .await
+            .ok()
+            .map(|v| (v, local))
     }
 
     fn forget_consumer(&self, tag: &str) -> Option<String> {
@@ -778,6 +788,7 @@ impl SqliteChannel {
                 self.shared
                     .write(move |tx, topo| store::reject(tx, topo, &items, requeue))
                     .await?;
+                self.shared.local_writes.fetch_add(1, Ordering::AcqRel);
                 self.shared.wake.notify_waiters();
                 Ok(())
             }
@@ -948,6 +959,7 @@ impl TransportChannel for SqliteChannel {
                 })
                 .await?;
             // Consumers here notice at their next look; wake them now.
+            self.shared.local_writes.fetch_add(1, Ordering::AcqRel);
             self.shared.wake.notify_waiters();
             Ok(n)
         })
@@ -983,9 +995,11 @@ impl TransportChannel for SqliteChannel {
             let confirm = self.confirm.load(Ordering::Acquire);
             match stored {
                 store::Stored::Routed => {
+                    self.shared.local_writes.fetch_add(1, Ordering::AcqRel);
                     self.shared.wake.notify_waiters();
                 }
                 store::Stored::Refused => {
+                    self.shared.local_writes.fetch_add(1, Ordering::AcqRel);
                     self.shared.wake.notify_waiters();
                     if confirm {
                         return Ok(PublishOutcome::Nacked);
@@ -1212,6 +1226,7 @@ impl TransportChannel for SqliteChannel {
                 self.shared
                     .write(move |tx, _| store::release(tx, &ids))
                     .await?;
+                self.shared.local_writes.fetch_add(1, Ordering::AcqRel);
                 self.shared.wake.notify_waiters();
             }
             for q in queues {
