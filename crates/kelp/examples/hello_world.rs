@@ -9,7 +9,8 @@
 //! cargo run -p kelp --example hello_world
 //! ```
 //!
-//! It connects to `$KELP_URL`, else `amqp://guest:guest@localhost:5672//` (a local RabbitMQ).
+//! It connects to `$KELP_URL`, else the embedded default `sqlite://kelp.db` (no broker);
+//! `KELP_URL=amqp://guest:guest@localhost//` runs it against a local RabbitMQ.
 
 use std::time::Duration;
 
@@ -34,7 +35,7 @@ async fn run() -> Result<(), Error> {
 
     // receive: declare the queue and consume from it. This happens before anything is sent,
     // so the queue exists when the message comes. `no_ack` is the tutorial's `auto_ack=True`.
-    let receiver = Connection::open_default().await?; // $KELP_URL, else the local broker
+    let receiver = Connection::open_default().await?; // $KELP_URL, else the embedded default (sqlite://kelp.db)
     let mut consumer = Consumer::builder(&receiver.channel().await?)
         .queue(queue.clone())
         .no_ack(true)

@@ -10,7 +10,8 @@
 //! cargo run -p kelp --example publish_subscribe
 //! ```
 //!
-//! It connects to `$KELP_URL`, else `amqp://guest:guest@localhost:5672//` (a local RabbitMQ).
+//! It connects to `$KELP_URL`, else the embedded default `sqlite://kelp.db` (no broker);
+//! `KELP_URL=amqp://guest:guest@localhost//` runs it against a local RabbitMQ.
 
 use std::time::Duration;
 
@@ -44,7 +45,7 @@ async fn run() -> Result<(), Error> {
     let receivers = [receive_logs(1, &logs).await?, receive_logs(2, &logs).await?];
 
     // emit_log: publish to the exchange (a fanout exchange ignores the routing key).
-    let conn = Connection::open_default().await?; // $KELP_URL, else the local broker
+    let conn = Connection::open_default().await?; // $KELP_URL, else the embedded default (sqlite://kelp.db)
     let producer = Producer::new(&conn.channel().await?).exchange(logs);
     for line in LOGS {
         producer.publish(line, PublishOptions::default()).await?;

@@ -11,7 +11,8 @@
 //! cargo run -p kelp --example routing
 //! ```
 //!
-//! It connects to `$KELP_URL`, else `amqp://guest:guest@localhost:5672//` (a local RabbitMQ).
+//! It connects to `$KELP_URL`, else the embedded default `sqlite://kelp.db` (no broker);
+//! `KELP_URL=amqp://guest:guest@localhost//` runs it against a local RabbitMQ.
 
 use std::time::Duration;
 
@@ -50,7 +51,7 @@ async fn run() -> Result<(), Error> {
     ];
 
     // emit_log_direct: the severity is the routing key.
-    let conn = Connection::open_default().await?; // $KELP_URL, else the local broker
+    let conn = Connection::open_default().await?; // $KELP_URL, else the embedded default (sqlite://kelp.db)
     let producer = Producer::new(&conn.channel().await?).exchange(direct_logs);
     for (severity, message) in LOGS {
         producer

@@ -17,7 +17,8 @@
 //! cargo run -p kelp --example rpc
 //! ```
 //!
-//! It connects to `$KELP_URL`, else `amqp://guest:guest@localhost:5672//` (a local RabbitMQ).
+//! It connects to `$KELP_URL`, else the embedded default `sqlite://kelp.db` (no broker);
+//! `KELP_URL=amqp://guest:guest@localhost//` runs it against a local RabbitMQ.
 
 use std::time::Duration;
 
@@ -65,7 +66,7 @@ fn fib(n: u32) -> u64 {
 
 /// The tutorial's `rpc_server`: answer each request on its `reply_to` queue.
 async fn rpc_server(queue: Queue) -> Result<JoinHandle<Result<(), Error>>, Error> {
-    let conn = Connection::open_default().await?; // $KELP_URL, else the local broker
+    let conn = Connection::open_default().await?; // $KELP_URL, else the embedded default (sqlite://kelp.db)
     let ch = conn.channel().await?;
     let mut requests = Consumer::builder(&ch)
         .queue(queue)

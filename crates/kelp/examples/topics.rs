@@ -14,7 +14,8 @@
 //! cargo run -p kelp --example topics
 //! ```
 //!
-//! It connects to `$KELP_URL`, else `amqp://guest:guest@localhost:5672//` (a local RabbitMQ).
+//! It connects to `$KELP_URL`, else the embedded default `sqlite://kelp.db` (no broker);
+//! `KELP_URL=amqp://guest:guest@localhost//` runs it against a local RabbitMQ.
 
 use std::time::Duration;
 
@@ -55,7 +56,7 @@ async fn run() -> Result<(), Error> {
     ];
 
     // emit_log_topic
-    let conn = Connection::open_default().await?; // $KELP_URL, else the local broker
+    let conn = Connection::open_default().await?; // $KELP_URL, else the embedded default (sqlite://kelp.db)
     let producer = Producer::new(&conn.channel().await?).exchange(topic_logs);
     for (key, message) in LOGS {
         producer

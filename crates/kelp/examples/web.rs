@@ -9,7 +9,7 @@
 //! cargo run -p kelp --example web -- --demo  # serves on a free port, calls itself, exits
 //! ```
 //!
-//! It connects to `$KELP_URL`, else `amqp://guest:guest@localhost:5672//` (a local RabbitMQ),
+//! It connects to `$KELP_URL`, else the embedded default `sqlite://kelp.db`,
 //! with a robust connection: a broker restart does not take the service down, requests made
 //! during the outage wait for the broker to come back.
 

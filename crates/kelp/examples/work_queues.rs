@@ -12,7 +12,8 @@
 //! cargo run -p kelp --example work_queues
 //! ```
 //!
-//! It connects to `$KELP_URL`, else `amqp://guest:guest@localhost:5672//` (a local RabbitMQ).
+//! It connects to `$KELP_URL`, else the embedded default `sqlite://kelp.db` (no broker);
+//! `KELP_URL=amqp://guest:guest@localhost//` runs it against a local RabbitMQ.
 
 use std::time::Duration;
 
@@ -50,7 +51,7 @@ async fn run() -> Result<(), Error> {
     ];
 
     // new_task: publish every task as a persistent message.
-    let conn = Connection::open_default().await?; // $KELP_URL, else the local broker
+    let conn = Connection::open_default().await?; // $KELP_URL, else the embedded default (sqlite://kelp.db)
     let ch = conn.channel().await?;
     let producer = Producer::new(&ch);
     for task in TASKS {

@@ -19,12 +19,20 @@ use crate::recovery::{self, RecoveryEvents, RecoveryOptions};
 use crate::serialization::Registry;
 use crate::transport::Transport;
 
-/// The URL used when none is given and `KELP_URL` is unset (Kombu's default broker).
+/// The URL used when none is given and `KELP_URL` is unset: the embedded, durable SQLite
+/// transport in the working directory, so kelp works with no broker at all.
 ///
 /// ```
-/// assert_eq!(kelp::DEFAULT_URL, "amqp://guest:guest@localhost:5672//");
+/// assert_eq!(kelp::DEFAULT_URL, "sqlite://kelp.db");
 /// ```
-pub const DEFAULT_URL: &str = "amqp://guest:guest@localhost:5672//";
+pub const DEFAULT_URL: &str = "sqlite://kelp.db";
+
+/// Kombu's default broker, the local RabbitMQ: what `amqp://` alone means.
+///
+/// ```
+/// assert_eq!(kelp::AMQP_DEFAULT_URL, "amqp://guest:guest@localhost:5672//");
+/// ```
+pub const AMQP_DEFAULT_URL: &str = "amqp://guest:guest@localhost:5672//";
 
 /// Connection settings beyond the URL.
 ///

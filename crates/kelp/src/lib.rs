@@ -31,7 +31,9 @@ pub mod worker;
 
 pub use bound::{BoundExchange, BoundQueue};
 pub use channel::Channel;
-pub use connection::{ConnectOptions, Connection, ConnectionBuilder, DEFAULT_URL};
+pub use connection::{
+    ConnectOptions, Connection, ConnectionBuilder, AMQP_DEFAULT_URL, DEFAULT_URL,
+};
 pub use consumer::{Consumer, ConsumerBuilder};
 pub use entity::{Binding, Declarable, DeliveryMode, Exchange, Queue, QueueType};
 pub use error::Error;
