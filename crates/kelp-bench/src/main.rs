@@ -18,6 +18,12 @@
 //! `recovery` restarts the local RabbitMQ (`rabbitmqctl stop_app` / `start_app`) `--count`
 //! times and reports the time from the broker answering again to a kelp robust Consumer's
 //! first delivery. It is not part of `all`.
+//!
+//! `redis-publish` and `redis-consume` measure kelp's `redis://` transport against Python
+//! Kombu's Redis transport in the same run (`python/kombu_redis_bench.py`), beside
+//! `redis-benchmark`'s LPUSH/RPOP rate. They need a Redis server (`--url redis://…`, else
+//! redis://127.0.0.1:6379/0) and take minutes at the default count (Kombu consumes ~2000
+//! msg/s), so they are not part of `all` either.
 
 mod amqprs_client;
 mod decode;
@@ -28,6 +34,8 @@ mod lapin_client;
 mod library;
 #[cfg(feature = "kelp")]
 mod recovery;
+#[cfg(feature = "kelp")]
+mod redis;
 mod report;
 mod sink;
 
@@ -69,10 +77,13 @@ scenarios (default count):
   memory    Producer -> memory:// -> Consumer + ack (kelp's full API), beside tokio mpsc   (1000000)
   library   publish and consume through kelp's Producer/Consumer (raw) vs kelp-amqp alone (100000)
   recovery  restarts RabbitMQ N times: broker back -> first kelp delivery (restarts)    (10)
-  all       every scenario above in turn except recovery
+  redis-publish  kelp redis:// Producer (64 in flight, and 1) vs Kombu, redis-benchmark (100000)
+  redis-consume  kelp redis:// Consumer, prefetch 100, ack each, vs Kombu, redis-benchmark (100000)
+  all       every scenario above in turn except recovery and redis-*
 
 options:
-  --url URL        broker URL (default amqp://guest:guest@127.0.0.1:5672/%2f)
+  --url URL        broker URL (default amqp://guest:guest@127.0.0.1:5672/%2f; redis-*
+                   use it if it is redis://…, else redis://127.0.0.1:6379/0)
   --count N        messages (round trips for rpc) per client run
   --clients LIST   which of kelp,lapin,amqprs to run (always measured in that order)
   --repeat R       run each client R times and report the best (default 1)
@@ -89,6 +100,8 @@ enum Scenario {
     Memory,
     Library,
     Recovery,
+    RedisPublish,
+    RedisConsume,
 }
 
 impl Scenario {
@@ -114,12 +127,19 @@ impl Scenario {
             Self::Memory => "memory",
             Self::Library => "library",
             Self::Recovery => "recovery",
+            Self::RedisPublish => "redis-publish",
+            Self::RedisConsume => "redis-consume",
         }
     }
 
     fn default_count(self) -> u64 {
         match self {
-            Self::Publish | Self::Confirm | Self::Consume | Self::Library => 100_000,
+            Self::Publish
+            | Self::Confirm
+            | Self::Consume
+            | Self::Library
+            | Self::RedisPublish
+            | Self::RedisConsume => 100_000,
             Self::Rpc => 5_000,
             Self::Sink | Self::Decode | Self::Memory => 1_000_000,
             Self::Recovery => 10,
@@ -222,7 +242,11 @@ fn parse_args(args: &[String]) -> BenchResult<Option<Config>> {
                     "all" => Scenario::ALL.to_vec(),
                     _ => vec![Scenario::ALL
                         .into_iter()
-                        .chain([Scenario::Recovery])
+                        .chain([
+                            Scenario::Recovery,
+                            Scenario::RedisPublish,
+                            Scenario::RedisConsume,
+                        ])
                         .find(|s| s.name() == name)
                         .ok_or_else(|| format!("unknown scenario {name:?}\n\n{USAGE}"))?],
                 });
@@ -270,9 +294,15 @@ async fn network_run(client: Client, scenario: Scenario, opts: &Opts) -> BenchRe
         (Client::Amqprs, Scenario::Consume) => amqprs_client::consume(opts).await?,
         (Client::Amqprs, Scenario::Rpc) => amqprs_client::rpc(opts).await?,
         (Client::Amqprs, Scenario::Sink) => amqprs_client::sink(&opts.url, opts.count).await?,
-        (_, Scenario::Decode | Scenario::Memory | Scenario::Library | Scenario::Recovery) => {
-            return Err("not a per-client scenario".into())
-        }
+        (
+            _,
+            Scenario::Decode
+            | Scenario::Memory
+            | Scenario::Library
+            | Scenario::Recovery
+            | Scenario::RedisPublish
+            | Scenario::RedisConsume,
+        ) => return Err("not a per-client scenario".into()),
     };
     Ok(Outcome::Done(m))
 }
@@ -285,9 +315,12 @@ async fn kelp_network_run(scenario: Scenario, opts: &Opts) -> BenchResult<Outcom
         Scenario::Consume => kelp_client::consume(opts).await?,
         Scenario::Rpc => kelp_client::rpc(opts).await?,
         Scenario::Sink => kelp_client::sink(&opts.url, opts.count).await?,
-        Scenario::Decode | Scenario::Memory | Scenario::Library | Scenario::Recovery => {
-            return Err("not a per-client scenario".into())
-        }
+        Scenario::Decode
+        | Scenario::Memory
+        | Scenario::Library
+        | Scenario::Recovery
+        | Scenario::RedisPublish
+        | Scenario::RedisConsume => return Err("not a per-client scenario".into()),
     };
     Ok(Outcome::Done(m))
 }
@@ -448,8 +481,44 @@ fn run_recovery_scenario(_: &tokio::runtime::Runtime, _: &Config, _: u64) -> Ben
     Ok(())
 }
 
+/// `redis-publish` / `redis-consume`: kelp's `redis://` transport vs Kombu's.
+#[cfg(feature = "kelp")]
+fn run_redis_scenario(
+    rt: &tokio::runtime::Runtime,
+    scenario: Scenario,
+    cfg: &Config,
+    count: u64,
+) -> BenchResult<()> {
+    let phase = match scenario {
+        Scenario::RedisConsume => redis::Phase::Consume,
+        _ => redis::Phase::Publish,
+    };
+    let url = redis::redis_url(&cfg.url);
+    println!(
+        "# {}: {count} x {MSG_SIZE} B per run, best of {} ({url}; cpu is each client \
+         process's own, not Redis's)",
+        scenario.name(),
+        cfg.repeat
+    );
+    redis::run(rt, phase, &url, count, cfg.repeat, RUN_TIMEOUT)
+}
+
+#[cfg(not(feature = "kelp"))]
+fn run_redis_scenario(
+    _: &tokio::runtime::Runtime,
+    _: Scenario,
+    _: &Config,
+    _: u64,
+) -> BenchResult<()> {
+    println!("{KELP_NOT_BUILT}");
+    Ok(())
+}
+
 fn run_scenario(rt: &tokio::runtime::Runtime, scenario: Scenario, cfg: &Config) -> BenchResult<()> {
     let count = cfg.count.unwrap_or(scenario.default_count());
+    if matches!(scenario, Scenario::RedisPublish | Scenario::RedisConsume) {
+        return run_redis_scenario(rt, scenario, cfg, count);
+    }
     if scenario == Scenario::Recovery {
         println!("# recovery: {count} RabbitMQ restarts (rabbitmqctl stop_app / start_app)");
         return run_recovery_scenario(rt, cfg, count);

@@ -906,12 +906,24 @@ impl RedisChannel {
                 .query_async(&mut conn)
                 .await
                 .map_err(rerr("listing binding sets"))?;
-            for set in found {
-                let members: Vec<String> = redis::cmd("SMEMBERS")
+            let binding = self.shared.opts.key("_kombu.binding.");
+            let permanent = self.shared.opts.key("_kombu.binding_permanent.");
+            // Only the binding sets: Kombu 5.7 also keeps `_kombu.binding_deadlines`, a
+            // sorted set.
+            for set in found
+                .into_iter()
+                .filter(|k| k.starts_with(&binding) || k.starts_with(&permanent))
+            {
+                let members: Vec<String> = match redis::cmd("SMEMBERS")
                     .arg(&set)
                     .query_async(&mut conn)
                     .await
-                    .map_err(rerr("reading bindings"))?;
+                {
+                    Ok(m) => m,
+                    // Not a set after all (WRONGTYPE): not a binding set.
+                    Err(e) if e.code() == Some("WRONGTYPE") => continue,
+                    Err(e) => return Err(rerr("reading bindings")(e)),
+                };
                 let gone: Vec<&String> = members.iter().filter(|m| m.ends_with(&suffix)).collect();
                 if !gone.is_empty() {
                     let _: () = redis::cmd("SREM")

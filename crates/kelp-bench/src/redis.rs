@@ -1,0 +1,590 @@
+//! The `redis-publish` and `redis-consume` scenarios: kelp's `redis://` transport against
+//! Python Kombu's Redis transport, measured in the same run, beside `redis-benchmark`'s
+//! LPUSH/RPOP rate as the physical limit.
+//!
+//! - kelp publishes `count` raw 100-byte bodies with a Producer to the default exchange of a
+//!   fresh queue, [`WINDOW`] publishes in flight on the one multiplexed connection (the
+//!   headline), and again one at a time (each awaits its LPUSH reply); timed until the last
+//!   reply, when Redis holds all of them;
+//! - kelp consumes a prefilled queue (filled by kelp's Producer, untimed) with prefetch
+//!   [`PREFETCH`], acking each message before taking the next; timed from building the
+//!   Consumer to the last ack;
+//! - Kombu does the same in `python/kombu_redis_bench.py` (one process per run, timing each
+//!   phase itself: the interpreter's start-up is not counted);
+//! - `redis-benchmark -t lpush,rpop -n N -d 100 -q` (50 clients, one command each in flight).
+//!
+//! CPU is each client process's own (`getrusage` here, `time.process_time` in Python), never
+//! Redis's. After each kelp timed section, `INFO commandstats` (through `redis-cli`, when it
+//! is there) shows the Redis commands kelp sent per message and the server time they took.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use kelp::{Connection, Consumer, Producer, PublishOptions, Queue};
+
+use crate::report::{format_line, format_ratio, Measurement, Timer};
+use crate::{fresh_queue_name, BenchResult, MSG_SIZE, PAYLOAD};
+
+/// The Redis server when `--url` is not a `redis://` URL.
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/0";
+/// Consumer prefetch, for kelp and Kombu.
+pub const PREFETCH: u16 = 100;
+/// Publishes in flight in kelp's pipelined publish.
+pub const WINDOW: usize = 64;
+/// The headline goal: kelp at least this many times Kombu's msg/s.
+const GOAL: f64 = 10.0;
+/// Python with Kombu when `$KELP_PYTHON` is not set.
+const DEFAULT_PYTHON: &str = "/work/pyenv/bin/python";
+/// Bounds the Kombu run's consume loop (seconds).
+const KOMBU_TIMEOUT_SECS: u64 = 600;
+
+/// Which half of the work a scenario measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Publish,
+    Consume,
+}
+
+impl Phase {
+    fn scenario(self) -> &'static str {
+        match self {
+            Self::Publish => "redis-publish",
+            Self::Consume => "redis-consume",
+        }
+    }
+}
+
+/// `url` if it names a Redis server, else [`DEFAULT_REDIS_URL`] (the bench's default `--url`
+/// is RabbitMQ's).
+pub fn redis_url(url: &str) -> String {
+    if url.starts_with("redis://") || url.starts_with("rediss://") {
+        url.to_owned()
+    } else {
+        DEFAULT_REDIS_URL.to_owned()
+    }
+}
+
+/// Publish `count` bodies with at most `window` publishes in flight.
+async fn publish_all(producer: &Producer, count: u64, window: usize) -> BenchResult<()> {
+    let mut in_flight = FuturesUnordered::new();
+    for _ in 0..count {
+        if in_flight.len() >= window {
+            if let Some(done) = in_flight.next().await {
+                done?;
+            }
+        }
+        in_flight.push(producer.publish(&PAYLOAD[..], PublishOptions::default()));
+    }
+    while let Some(done) = in_flight.next().await {
+        done?;
+    }
+    Ok(())
+}
+
+/// Messages in `queue` now.
+async fn queue_size(ch: &kelp::Channel, queue: &str) -> BenchResult<u64> {
+    Ok(u64::from(
+        Queue::new(queue)
+            .passive(true)
+            .declare(ch)
+            .await?
+            .message_count,
+    ))
+}
+
+async fn expect_size(ch: &kelp::Channel, queue: &str, count: u64) -> BenchResult<()> {
+    let got = queue_size(ch, queue).await?;
+    if got != count {
+        return Err(format!("queue {queue} holds {got} messages, expected {count}").into());
+    }
+    Ok(())
+}
+
+/// Delete `queue`; if that fails, purge it (its list is then gone: Redis drops empty lists).
+///
+/// The delete scans every `_kombu.binding*` key and reads each as a set, so it fails with
+/// WRONGTYPE while Kombu 5.7's `_kombu.binding_deadlines` (a sorted set) exists on the same
+/// database; the bench's queue has no bindings, so purging it leaves nothing behind.
+async fn remove_queue(ch: &kelp::Channel, queue: &str) -> BenchResult<()> {
+    if let Err(e) = Queue::new(queue).delete(ch, false, false).await {
+        eprintln!("kelp-bench: deleting {queue} failed ({e}); purging it instead");
+        Queue::new(queue).purge(ch).await?;
+    }
+    Ok(())
+}
+
+/// Redis command calls and server µs, per command, from `INFO commandstats`.
+type CommandStats = BTreeMap<String, (u64, u64)>;
+
+/// `INFO commandstats` through `redis-cli`, or `None` if that is not possible.
+fn command_stats(url: &str) -> Option<CommandStats> {
+    let out = Command::new("redis-cli")
+        .args(["-u", url, "INFO", "commandstats"])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut stats = CommandStats::new();
+    for line in text.lines() {
+        // cmdstat_lpush:calls=100000,usec=51234,usec_per_call=0.51,...
+        let Some((name, fields)) = line.trim().split_once(':') else {
+            continue;
+        };
+        let Some(name) = name.strip_prefix("cmdstat_") else {
+            continue;
+        };
+        let field = |key: &str| {
+            fields
+                .split(',')
+                .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+                .and_then(|v| v.parse::<u64>().ok())
+        };
+        if let (Some(calls), Some(usec)) = (field("calls"), field("usec")) {
+            stats.insert(name.to_owned(), (calls, usec));
+        }
+    }
+    Some(stats)
+}
+
+/// `<scenario> kelp redis calls/msg: lpush 1.00  (server 1.23 µs/msg)`: the commands a timed
+/// section sent, from two `INFO commandstats` snapshots.
+fn format_calls(
+    scenario: &str,
+    who: &str,
+    before: &CommandStats,
+    after: &CommandStats,
+    count: u64,
+) -> String {
+    let per = |n: u64| n as f64 / count.max(1) as f64;
+    let mut parts = Vec::new();
+    let mut server_usec = 0u64;
+    for (name, &(calls, usec)) in after {
+        let (calls0, usec0) = before.get(name).copied().unwrap_or((0, 0));
+        let calls = calls.saturating_sub(calls0);
+        // Commands seen less than once per 100 messages are the bench's own (declare, INFO).
+        if per(calls) >= 0.01 {
+            parts.push(format!("{name} {:.2}", per(calls)));
+            server_usec += usec.saturating_sub(usec0);
+        }
+    }
+    format!(
+        "{scenario} {who} redis calls/msg: {}  (server {:.2} µs/msg)",
+        parts.join(", "),
+        per(server_usec)
+    )
+}
+
+/// What a kelp timed section produced: the measurement and its command line, if any.
+#[derive(Debug)]
+struct KelpRun {
+    m: Measurement,
+    calls: Option<String>,
+}
+
+/// A kelp run's measurement with the commands it sent since the `before` snapshot.
+fn with_stats(
+    url: &str,
+    scenario: &str,
+    who: &str,
+    count: u64,
+    m: Measurement,
+    before: Option<CommandStats>,
+) -> KelpRun {
+    let calls = before
+        .zip(command_stats(url))
+        .map(|(b, a)| format_calls(scenario, who, &b, &a, count));
+    KelpRun { m, calls }
+}
+
+/// kelp's publish: `count` bodies to a fresh queue, `window` in flight.
+async fn kelp_publish(url: &str, count: u64, window: usize, who: &str) -> BenchResult<KelpRun> {
+    let conn = Connection::open(url).await?;
+    let ch = conn.channel().await?;
+    let queue = fresh_queue_name("kelp", "redis-publish");
+    ch.declare_queue(Queue::new(queue.as_str())).await?;
+    let producer = Producer::new(&ch).routing_key(queue.as_str());
+    let before = command_stats(url);
+    let timer = Timer::start()?;
+    publish_all(&producer, count, window).await?;
+    let m = timer.stop(count)?;
+    let run = with_stats(url, "redis-publish", who, count, m, before);
+    expect_size(&ch, &queue, count).await?;
+    remove_queue(&ch, &queue).await?;
+    conn.close().await?;
+    Ok(run)
+}
+
+/// kelp's consume: prefill (untimed, pipelined), then a Consumer with prefetch [`PREFETCH`]
+/// acks each message.
+async fn kelp_consume(url: &str, count: u64) -> BenchResult<KelpRun> {
+    let conn = Connection::open(url).await?;
+    let ch = conn.channel().await?;
+    let queue = fresh_queue_name("kelp", "redis-consume");
+    ch.declare_queue(Queue::new(queue.as_str())).await?;
+    let producer = Producer::new(&ch).routing_key(queue.as_str());
+    publish_all(&producer, count, WINDOW).await?;
+    expect_size(&ch, &queue, count).await?;
+    let cch = conn.channel().await?;
+    let before = command_stats(url);
+    let timer = Timer::start()?;
+    let mut consumer = Consumer::builder(&cch)
+        .queue(Queue::new(queue.as_str()).no_declare(true))
+        .prefetch_count(PREFETCH)
+        .build()
+        .await?;
+    let mut bytes = 0usize;
+    for _ in 0..count {
+        let mut msg = consumer
+            .next()
+            .await
+            .ok_or("kelp redis: consumer ended early")??;
+        bytes += msg.body().len();
+        msg.ack().await?;
+    }
+    let m = timer.stop(count)?;
+    let run = with_stats(url, "redis-consume", "kelp", count, m, before);
+    if bytes as u64 != count * MSG_SIZE as u64 {
+        return Err(format!("kelp redis: {bytes} body bytes for {count} messages").into());
+    }
+    consumer.cancel().await?;
+    remove_queue(&ch, &queue).await?;
+    conn.close().await?;
+    Ok(run)
+}
+
+/// Best (highest msg/s) of `repeat` kelp runs; the command line of the first.
+fn kelp_best<F, Fut>(
+    rt: &tokio::runtime::Runtime,
+    repeat: usize,
+    timeout: Duration,
+    mut f: F,
+) -> BenchResult<KelpRun>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = BenchResult<KelpRun>>,
+{
+    let mut runs = Vec::with_capacity(repeat);
+    let mut calls = None;
+    for _ in 0..repeat {
+        let run = rt.block_on(async {
+            match tokio::time::timeout(timeout, f()).await {
+                Ok(run) => run,
+                Err(_) => Err(format!("timed out after {timeout:?}").into()),
+            }
+        })?;
+        calls = calls.or(run.calls);
+        runs.push(run.m);
+    }
+    let m = Measurement::best(runs).ok_or("no runs")?;
+    Ok(KelpRun { m, calls })
+}
+
+/// One Kombu run's figures (the consume ones only for phase `both`).
+#[derive(Debug, Clone, PartialEq)]
+struct KombuRun {
+    version: String,
+    publish: Measurement,
+    consume: Option<Measurement>,
+}
+
+/// The number after `"key":` in a flat JSON object (`None` if absent or `null`).
+fn json_number(json: &str, key: &str) -> Option<f64> {
+    let at = json.find(&format!("\"{key}\":"))? + key.len() + 3;
+    let rest = json.get(at..)?.trim_start();
+    let end = rest.find([',', '}']).unwrap_or(rest.len());
+    rest.get(..end)?.trim().parse().ok()
+}
+
+/// The string after `"key":` in a flat JSON object (no escapes expected).
+fn json_string(json: &str, key: &str) -> Option<String> {
+    let at = json.find(&format!("\"{key}\":"))? + key.len() + 3;
+    let rest = json.get(at..)?.trim_start().strip_prefix('"')?;
+    Some(rest.get(..rest.find('"')?)?.to_owned())
+}
+
+fn parse_kombu(json: &str) -> BenchResult<KombuRun> {
+    let count = json_number(json, "count").ok_or("no count")?;
+    let phase = |wall: &str, cpu: &str| {
+        let (wall, cpu) = (json_number(json, wall)?, json_number(json, cpu)?);
+        Some(Measurement {
+            // A message count printed by the script: a whole number.
+            msgs: count as u64,
+            wall: Duration::try_from_secs_f64(wall).ok()?,
+            cpu: Duration::try_from_secs_f64(cpu).ok()?,
+            latency: None,
+        })
+    };
+    Ok(KombuRun {
+        version: json_string(json, "kombu").unwrap_or_else(|| "?".into()),
+        publish: phase("publish_s", "publish_cpu_s").ok_or("no publish figures")?,
+        consume: phase("consume_s", "consume_cpu_s"),
+    })
+}
+
+/// `$KELP_PYTHON`, else [`DEFAULT_PYTHON`], if it imports kombu and redis.
+fn kombu_python() -> Option<String> {
+    let python = std::env::var("KELP_PYTHON")
+        .ok()
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| DEFAULT_PYTHON.to_owned());
+    let ok = Command::new(&python)
+        .args(["-c", "import kombu, redis"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    ok.then_some(python)
+}
+
+fn kombu_script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python/kombu_redis_bench.py")
+}
+
+/// One Kombu run in a child Python process.
+fn kombu_run(python: &str, url: &str, count: u64, phase: Phase) -> BenchResult<KombuRun> {
+    let script = kombu_script();
+    let out = Command::new(python)
+        .arg(&script)
+        .args(["--url", url, "--count", &count.to_string()])
+        .args(["--prefetch", &PREFETCH.to_string()])
+        .args(["--size", &MSG_SIZE.to_string()])
+        .args(["--timeout", &KOMBU_TIMEOUT_SECS.to_string()])
+        .args([
+            "--phase",
+            match phase {
+                Phase::Publish => "publish",
+                Phase::Consume => "both",
+            },
+        ])
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(format!(
+            "kombu: {} {} failed ({}): {}",
+            python,
+            script.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+        .into());
+    }
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))
+        .ok_or_else(|| format!("kombu: no JSON line in {stdout:?}"))?;
+    parse_kombu(line).map_err(|e| format!("kombu: {e} in {line:?}").into())
+}
+
+/// Kombu's figure for `phase`, best of `repeat`, with its version; or why not.
+fn kombu_best(url: &str, count: u64, phase: Phase, repeat: usize) -> BenchResult<KombuResult> {
+    let Some(python) = kombu_python() else {
+        return Ok(KombuResult::Skipped(format!(
+            "kombu: skipped (no Python with kombu: set KELP_PYTHON or install kombu in \
+             {DEFAULT_PYTHON})"
+        )));
+    };
+    let mut runs = Vec::with_capacity(repeat);
+    let mut version = String::new();
+    for _ in 0..repeat {
+        let run = kombu_run(&python, url, count, phase)?;
+        version = run.version;
+        let m = match phase {
+            Phase::Publish => Some(run.publish),
+            Phase::Consume => run.consume,
+        };
+        runs.push(m.ok_or("kombu: no consume figures")?);
+    }
+    let m = Measurement::best(runs).ok_or("no runs")?;
+    Ok(KombuResult::Done { version, m })
+}
+
+#[derive(Debug)]
+enum KombuResult {
+    Done { version: String, m: Measurement },
+    Skipped(String),
+}
+
+/// `LPUSH` and `RPOP` requests per second from `redis-benchmark -q` output (progress lines
+/// end in `\r`, the results in `\n`).
+fn parse_redis_benchmark(out: &str) -> Option<(f64, f64)> {
+    let rate = |cmd: &str| {
+        out.split(['\r', '\n']).find_map(|line| {
+            let rest = line.trim().strip_prefix(cmd)?.strip_prefix(':')?;
+            let (n, _) = rest.trim().split_once(" requests per second")?;
+            n.trim().parse::<f64>().ok()
+        })
+    };
+    Some((rate("LPUSH")?, rate("RPOP")?))
+}
+
+/// The `redis-benchmark` reference line.
+fn redis_benchmark(scenario: &str, url: &str, count: u64) -> String {
+    let n = count.to_string();
+    let size = MSG_SIZE.to_string();
+    let args = ["-t", "lpush,rpop", "-n", &n, "-d", &size, "-q"];
+    let out = match Command::new("redis-benchmark")
+        .args(["-u", url])
+        .args(args)
+        .output()
+    {
+        Ok(out) => out,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return format!(
+                "{scenario} redis-benchmark: not found (install redis-tools for the \
+                 physical-limit reference)"
+            )
+        }
+        Err(e) => return format!("{scenario} redis-benchmark: could not run it: {e}"),
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    match parse_redis_benchmark(&text) {
+        Some((lpush, rpop)) => format!(
+            "{scenario} redis-benchmark  LPUSH {lpush:.0} ops/s, RPOP {rpop:.0} ops/s  \
+             (`redis-benchmark {}`: 50 clients, one command each in flight; the server's rate \
+             for one-command messages)",
+            args.join(" ")
+        ),
+        None => format!(
+            "{scenario} redis-benchmark: no LPUSH/RPOP figures ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+    }
+}
+
+fn goal_note(kelp: &Measurement, kombu: &Measurement) -> String {
+    let ratio = kelp.msgs_per_sec() / kombu.msgs_per_sec().max(1e-9);
+    let verdict = if ratio >= GOAL { "met" } else { "NOT met" };
+    format!("  (goal >= {GOAL:.0}x msgs/s: {verdict})")
+}
+
+/// `redis-publish` or `redis-consume`: kelp, Kombu and redis-benchmark, then the ratios.
+pub fn run(
+    rt: &tokio::runtime::Runtime,
+    phase: Phase,
+    url: &str,
+    count: u64,
+    repeat: usize,
+    timeout: Duration,
+) -> BenchResult<()> {
+    let scenario = phase.scenario();
+    let line = |who: &str, m: &Measurement, what: &str| {
+        println!("{}  {what}", format_line(scenario, who, m));
+    };
+    let mut kelp_lines: Vec<(&str, Measurement)> = Vec::new();
+    match phase {
+        Phase::Publish => {
+            let piped = kelp_best(rt, repeat, timeout, || {
+                kelp_publish(url, count, WINDOW, "kelp")
+            })?;
+            let seq = kelp_best(rt, repeat, timeout, || {
+                kelp_publish(url, count, 1, "kelp-seq")
+            })?;
+            line(
+                "kelp",
+                &piped.m,
+                &format!("Producer.publish, {WINDOW} in flight on one multiplexed connection"),
+            );
+            line(
+                "kelp-seq",
+                &seq.m,
+                "Producer.publish, one at a time (each awaits its LPUSH reply)",
+            );
+            for calls in [&piped.calls, &seq.calls].into_iter().flatten() {
+                println!("{calls}");
+            }
+            kelp_lines.push(("kelp", piped.m));
+            kelp_lines.push(("kelp-seq", seq.m));
+        }
+        Phase::Consume => {
+            let run = kelp_best(rt, repeat, timeout, || kelp_consume(url, count))?;
+            line(
+                "kelp",
+                &run.m,
+                &format!("Consumer, prefetch {PREFETCH}, each message acked before the next"),
+            );
+            if let Some(calls) = &run.calls {
+                println!("{calls}");
+            }
+            kelp_lines.push(("kelp", run.m));
+        }
+    }
+    match kombu_best(url, count, phase, repeat)? {
+        KombuResult::Done { version, m } => {
+            let what = match phase {
+                Phase::Publish => format!("Kombu {version} Producer.publish, one at a time"),
+                Phase::Consume => format!(
+                    "Kombu {version} Consumer, prefetch {PREFETCH}, ack in the callback, \
+                     drain_events"
+                ),
+            };
+            line("kombu", &m, &what);
+            for (who, k) in &kelp_lines {
+                println!("{}{}", format_ratio(who, k, "kombu", &m), goal_note(k, &m));
+            }
+        }
+        KombuResult::Skipped(why) => println!("{why}"),
+    }
+    println!("{}", redis_benchmark(scenario, url, count));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_kombu_json() -> BenchResult<()> {
+        let run = parse_kombu(
+            r#"{"kombu": "5.7.0", "count": 20000, "publish_per_s": 5806.3, "publish_s": 2.0, "publish_cpu_s": 1.5, "consume_per_s": null, "consume_s": null, "consume_cpu_s": null}"#,
+        )?;
+        assert_eq!(run.version, "5.7.0");
+        assert_eq!(run.publish.msgs, 20000);
+        assert_eq!(run.publish.wall, Duration::from_secs(2));
+        assert_eq!(run.publish.cpu, Duration::from_millis(1500));
+        assert_eq!(run.consume, None);
+        let both = parse_kombu(
+            r#"{"kombu": "5.7.0", "count": 10, "publish_s": 1, "publish_cpu_s": 1, "consume_s": 0.5, "consume_cpu_s": 0.25}"#,
+        )?;
+        assert_eq!(
+            both.consume.map(|m| m.wall),
+            Some(Duration::from_millis(500))
+        );
+        assert!(parse_kombu("{}").is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn parses_redis_benchmark() {
+        let out = "LPUSH: rps=0.0 (overall: 0.0) avg_msec=-nan (overall: -nan)\r   \r\
+                   LPUSH: 94966.77 requests per second, p50=0.263 msec\n\
+                   RPOP: rps=93000.0 (overall: 93000.0) avg_msec=0.3\r  \r\
+                   RPOP: 93196.65 requests per second, p50=0.271 msec\n";
+        assert_eq!(parse_redis_benchmark(out), Some((94966.77, 93196.65)));
+        assert_eq!(parse_redis_benchmark("LPUSH: rps=1.0\r"), None);
+    }
+
+    #[test]
+    fn command_stats_per_message() {
+        let before = CommandStats::from([("lpush".into(), (10, 100)), ("info".into(), (3, 9))]);
+        let after = CommandStats::from([
+            ("lpush".into(), (1010, 1100)),
+            ("info".into(), (4, 12)),
+            ("llen".into(), (1, 1)),
+        ]);
+        assert_eq!(
+            format_calls("redis-publish", "kelp", &before, &after, 1000),
+            "redis-publish kelp redis calls/msg: lpush 1.00  (server 1.00 µs/msg)"
+        );
+    }
+
+    #[test]
+    fn redis_url_falls_back() {
+        assert_eq!(redis_url("redis://h:1/2"), "redis://h:1/2");
+        assert_eq!(redis_url("amqp://guest:guest@h/%2f"), DEFAULT_REDIS_URL);
+    }
+}
