@@ -155,7 +155,7 @@ impl std::fmt::Debug for Db {
 #[derive(Debug)]
 struct Shared {
     opts: SqliteOptions,
-    db: Mutex<Db>,
+    ops: Mutex<std::sync::mpsc::Sender<Op>>,
     owner: String,
     wake: Arc<Notify>,
     closed: watch::Sender<Option<Error>>,
@@ -167,26 +167,126 @@ struct Shared {
     local_writes: AtomicU64,
 }
 
+/// Work for the connection's writer thread, which owns the SQLite connection and runs the
+/// work in arrival order. Consecutive publishes and acks go into one transaction (group
+/// commit).
+type Work = Box<dyn FnOnce(&mut Db, &Path) + Send>;
+
+enum Op {
+    Run(Work),
+    Publish {
+        msg: Box<MessageData>,
+        reply: tokio::sync::oneshot::Sender<Result<store::Stored, Error>>,
+    },
+    /// Acks have no reply, as in AMQP: later work of this connection sees them (it runs
+    /// after them), other connections as soon as the batch commits.
+    Ack {
+        ids: Vec<i64>,
+    },
+}
+
+/// The most publishes and acks committed together.
+const MAX_BATCH: usize = 512;
+
+fn writer(mut db: Db, path: PathBuf, rx: std::sync::mpsc::Receiver<Op>) {
+    let mut next: Option<Op> = None;
+    loop {
+        let op = match next.take() {
+            Some(op) => op,
+            None => match rx.recv() {
+                Ok(op) => op,
+                Err(_) => return,
+            },
+        };
+        match op {
+            Op::Run(f) => f(&mut db, &path),
+            first => {
+                let mut batch = vec![first];
+                while batch.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(op @ (Op::Publish { .. } | Op::Ack { .. })) => batch.push(op),
+                        Ok(other) => {
+                            next = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                run_batch(&mut db, &path, batch);
+            }
+        }
+    }
+}
+
+fn run_batch(db: &mut Db, path: &Path, batch: Vec<Op>) {
+    let now = store::now();
+    let Db { conn, topo } = db;
+    let results = store::write(conn, topo, path, |tx, topo| {
+        let mut out = Vec::with_capacity(batch.len());
+        for op in &batch {
+            out.push(match op {
+                Op::Publish { msg, .. } => store::publish(tx, topo, msg, now),
+                Op::Ack { ids } => store::ack(tx, ids).map(|()| store::Stored::Routed),
+                Op::Run(_) => Ok(store::Stored::Routed),
+            });
+        }
+        Ok(out)
+    });
+    match results {
+        Ok(results) => {
+            for (op, r) in batch.into_iter().zip(results) {
+                match op {
+                    Op::Publish { reply, .. } => {
+                        let _ = reply.send(r);
+                    }
+                    Op::Ack { .. } => {
+                        if let Err(e) = r {
+                            tracing::warn!(error = %e, "acknowledging");
+                        }
+                    }
+                    Op::Run(_) => {}
+                }
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "a batch of publishes and acks failed");
+            for op in batch {
+                if let Op::Publish { reply, .. } = op {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
 impl Shared {
-    /// Run `f` on the database, on the blocking pool.
+    /// Run `f` on the database, on the connection's writer thread.
     async fn run<T: Send + 'static>(
         self: &Arc<Self>,
         f: impl FnOnce(&mut rusqlite::Connection, &mut store::Topology, &Path) -> Result<T, Error>
             + Send
             + 'static,
     ) -> Result<T, Error> {
-        let s = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut g = s.db.lock().map_err(|_| Error::Closed {
-                what: "SQLite connection",
-            })?;
-            let Db { conn, topo } = &mut *g;
-            f(conn, topo, &s.opts.path)
-        })
-        .await
-        .map_err(|_| Error::Closed {
-            what: "SQLite worker",
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.send(Op::Run(Box::new(move |db: &mut Db, path: &Path| {
+            let Db { conn, topo } = db;
+            let _ = tx.send(f(conn, topo, path));
+        })))?;
+        rx.await.map_err(|_| Error::Closed {
+            what: "SQLite writer",
         })?
+    }
+
+    fn send(&self, op: Op) -> Result<(), Error> {
+        self.ops
+            .lock()
+            .map_err(|_| Error::Closed {
+                what: "SQLite writer",
+            })?
+            .send(op)
+            .map_err(|_| Error::Closed {
+                what: "SQLite writer",
+            })
     }
 
     /// Run `f` in one write transaction.
@@ -198,6 +298,18 @@ impl Shared {
     ) -> Result<T, Error> {
         self.run(move |conn, topo, path| store::write(conn, topo, path, f))
             .await
+    }
+
+    /// Route and store a message (batched with other publishes and acks).
+    async fn publish(&self, msg: MessageData) -> Result<store::Stored, Error> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.send(Op::Publish {
+            msg: Box::new(msg),
+            reply,
+        })?;
+        rx.await.map_err(|_| Error::Closed {
+            what: "SQLite writer",
+        })?
     }
 
     fn is_closed(&self) -> bool {
@@ -226,13 +338,24 @@ impl SqliteTransport {
                 what: "SQLite worker",
             })??;
         let path_for_counts = opts.path.clone();
+        let (ops, rx) = std::sync::mpsc::channel();
+        let db = Db {
+            conn,
+            topo: store::Topology::default(),
+        };
+        let writer_path = opts.path.clone();
+        std::thread::Builder::new()
+            .name("kelp-sqlite".into())
+            .spawn(move || writer(db, writer_path, rx))
+            .map_err(|e| Error::Sqlite {
+                path: opts.path.display().to_string(),
+                what: "starting the writer thread",
+                reason: e.to_string(),
+            })?;
         let shared = Arc::new(Shared {
             wake: wake_for(&opts.path),
             opts,
-            db: Mutex::new(Db {
-                conn,
-                topo: store::Topology::default(),
-            }),
+            ops: Mutex::new(ops),
             owner: super::redis::envelope::uuid4(),
             closed: watch::channel(None).0,
             channels: Mutex::new(Vec::new()),
@@ -775,22 +898,29 @@ impl SqliteChannel {
                 }
             }
         };
-        self.credit.notify_waiters();
         if items.is_empty() {
+            self.credit.notify_waiters();
             return Ok(());
         }
         match requeue {
             None => {
                 let ids: Vec<i64> = items.iter().map(|(id, _)| *id).collect();
-                self.shared.write(move |tx, _| store::ack(tx, &ids)).await
+                // Queued before any later take of this connection, so the freed credit can
+                // be used at once.
+                let r = self.shared.send(Op::Ack { ids });
+                self.credit.notify_waiters();
+                r
             }
             Some(requeue) => {
-                self.shared
+                let r = self
+                    .shared
                     .write(move |tx, topo| store::reject(tx, topo, &items, requeue))
-                    .await?;
+                    .await;
+                // Only now: a requeued message must be back before the consumer takes more.
                 self.shared.local_writes.fetch_add(1, Ordering::AcqRel);
+                self.credit.notify_waiters();
                 self.shared.wake.notify_waiters();
-                Ok(())
+                r
             }
         }
     }
@@ -975,23 +1105,11 @@ impl TransportChannel for SqliteChannel {
         Box::pin(async move {
             self.check_open()?;
             let msg = MessageData::new(exchange, routing_key, properties, body);
-            let ex = exchange.to_owned();
-            let (stored, msg) = self
-                .w(move |tx, topo| {
-                    if let Some(x) = topo.router.exchange(&ex) {
-                        if x.is_internal() {
-                            return Err(BrokerError::AccessRefused {
-                                kind: EntityKind::Exchange,
-                                name: ex.clone(),
-                                reason: "it is internal".into(),
-                            }
-                            .into());
-                        }
-                    }
-                    let s = store::publish(tx, topo, &msg, store::now())?;
-                    Ok((s, msg))
-                })
-                .await?;
+            let stored = self
+                .shared
+                .publish(msg.clone())
+                .await
+                .map_err(|e| self.soft_error(e))?;
             let confirm = self.confirm.load(Ordering::Acquire);
             match stored {
                 store::Stored::Routed => {

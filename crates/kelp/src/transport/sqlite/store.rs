@@ -582,6 +582,16 @@ pub(crate) fn publish(
     msg: &MessageData,
     now: i64,
 ) -> Result<Stored, Error> {
+    if let Some(x) = topo.router.exchange(&msg.exchange) {
+        if x.is_internal() {
+            return Err(BrokerError::AccessRefused {
+                kind: EntityKind::Exchange,
+                name: msg.exchange.to_string(),
+                reason: "it is internal".into(),
+            }
+            .into());
+        }
+    }
     let mut routed = RoutedQueues::default();
     topo.router.route(
         &msg.exchange,
