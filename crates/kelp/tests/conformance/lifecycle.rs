@@ -42,9 +42,9 @@ conformance_tests! {
     #[not_on(redis; "N/A on redis: no queue ownership, auto-delete, consumer registry or queue arguments on Kombu's Redis transport")]
     exclusive_queue_refuses_other_connections,
     auto_delete_queue_without_consumers_stays,
-    #[known_bug(redis, sqlite; "N/A on redis: no queue ownership, auto-delete, consumer registry or queue arguments on Kombu's Redis transport / GAP sqlite: x-single-active-consumer is not implemented yet")]
+    #[not_on(redis; "N/A on redis: no queue ownership, auto-delete, consumer registry or queue arguments on Kombu's Redis transport")]
     single_active_consumer,
-    #[known_bug(redis, sqlite; "N/A on redis: no queue ownership, auto-delete, consumer registry or queue arguments on Kombu's Redis transport / GAP sqlite: consumer priorities (x-priority) are not implemented yet")]
+    #[not_on(redis; "N/A on redis: no queue ownership, auto-delete, consumer registry or queue arguments on Kombu's Redis transport")]
     consumer_priority_prefers_higher,
     waiting_consumers_share_round_robin,
     closing_the_connection_requeues_unacked,

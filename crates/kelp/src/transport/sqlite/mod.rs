@@ -141,6 +141,38 @@ fn counts_for(path: &Path) -> ConsumerCounts {
     c
 }
 
+/// A consumer as the other consumers of its queue in this process see it (for single active
+/// consumer and consumer priorities).
+#[derive(Debug)]
+struct Reg {
+    id: u64,
+    priority: i64,
+    /// Its channel has prefetch room now.
+    room: Arc<AtomicBool>,
+    /// Messages handed to it so far (consumers of equal priority take turns).
+    served: Arc<AtomicU64>,
+}
+
+type Registry = Arc<Mutex<HashMap<String, Vec<Reg>>>>;
+
+fn registry_for(path: &Path) -> Registry {
+    type All = Mutex<HashMap<PathBuf, Weak<Mutex<HashMap<String, Vec<Reg>>>>>>;
+    static REGS: OnceLock<All> = OnceLock::new();
+    let key = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
+    let Ok(mut map) = REGS.get_or_init(Default::default).lock() else {
+        return Arc::default();
+    };
+    map.retain(|_, w| w.strong_count() > 0);
+    if let Some(r) = map.get(&key).and_then(Weak::upgrade) {
+        return r;
+    }
+    let r: Registry = Arc::default();
+    map.insert(key, Arc::downgrade(&r));
+    r
+}
+
+static NEXT_REG: AtomicU64 = AtomicU64::new(1);
+
 struct Db {
     conn: rusqlite::Connection,
     topo: store::Topology,
@@ -162,6 +194,7 @@ struct Shared {
     channels: Mutex<Vec<Weak<SqliteChannel>>>,
     next_channel: AtomicU64,
     consumers: ConsumerCounts,
+    regs: Registry,
     /// Bumped by this connection's own writes that can make messages ready (SQLite's
     /// `data_version` only moves for other connections' commits).
     local_writes: AtomicU64,
@@ -361,6 +394,7 @@ impl SqliteTransport {
             channels: Mutex::new(Vec::new()),
             next_channel: AtomicU64::new(1),
             consumers: counts_for(&path_for_counts),
+            regs: registry_for(&path_for_counts),
             local_writes: AtomicU64::new(0),
         });
         // Keep this connection's leases alive while it lives.
@@ -480,6 +514,13 @@ struct Entry {
     /// The per-consumer prefetch in effect when it started (0: none).
     prefetch: u16,
     tx: mpsc::Sender<Result<RawDelivery, Error>>,
+    /// Its registration among the queue's consumers in this process.
+    reg: u64,
+    priority: i64,
+    /// Its queue has `x-single-active-consumer`.
+    single_active: bool,
+    room: Arc<AtomicBool>,
+    served: Arc<AtomicU64>,
 }
 
 #[derive(Debug, Default)]
@@ -512,6 +553,19 @@ pub struct SqliteChannel {
 
 impl Drop for SqliteChannel {
     fn drop(&mut self) {
+        let regs: Vec<(String, u64)> = self
+            .state
+            .lock()
+            .map(|s| {
+                s.consumers
+                    .iter()
+                    .map(|(_, e)| (e.queue.clone(), e.reg))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for (q, reg) in regs {
+            self.unregister(&q, reg);
+        }
         if let Ok(mut p) = self.pump.lock() {
             if let Some(h) = p.take() {
                 h.abort();
@@ -646,6 +700,21 @@ impl SqliteChannel {
                 mpsc::Sender<Result<RawDelivery, Error>>,
                 usize,
             );
+            let gone: Vec<String> = ch
+                .state
+                .lock()
+                .map(|st| {
+                    st.consumers
+                        .iter()
+                        .filter(|(_, e)| e.tx.is_closed())
+                        .map(|(t, _)| t.clone())
+                        .collect()
+                })
+                .unwrap_or_default();
+            for tag in gone {
+                // Its stream was dropped: it consumes no more.
+                ch.forget_consumer(&tag);
+            }
             let (consumers, any_consumer): (Vec<Want>, bool) = match ch.state.lock() {
                 Ok(mut st) => {
                     let n = st.consumers.len();
@@ -656,6 +725,8 @@ impl SqliteChannel {
                         .filter(|(_, e)| !e.tx.is_closed())
                         .map(|(t, e)| {
                             let room = Self::room_for(&st, t, e.prefetch);
+                            e.room.store(room > 0, Ordering::Release);
+                            let room = if ch.eligible(e) { room } else { 0 };
                             (t.clone(), e.queue.clone(), e.no_ack, e.tx.clone(), room)
                         })
                         .collect();
@@ -756,7 +827,27 @@ impl SqliteChannel {
                         if list.is_empty() {
                             continue;
                         }
+                        let still_there = ch
+                            .state
+                            .lock()
+                            .map(|st| st.consumers.iter().any(|(t, _)| *t == ctag))
+                            .unwrap_or(false);
+                        if !still_there {
+                            // Cancelled while its messages were being taken: they were never
+                            // delivered.
+                            let ids: Vec<i64> = list.iter().map(|t| t.id).collect();
+                            if !no_ack {
+                                let _ =
+                                    ch.shared.write(move |tx, _| store::unclaim(tx, &ids)).await;
+                            }
+                            continue;
+                        }
                         any = true;
+                        if let Ok(st) = ch.state.lock() {
+                            if let Some((_, e)) = st.consumers.iter().find(|(t, _)| *t == ctag) {
+                                e.served.fetch_add(list.len() as u64, Ordering::AcqRel);
+                            }
+                        }
                         for (tag, t) in ch.register(&queue, list, no_ack, Some(&ctag)) {
                             let d = raw_delivery(tag, t, &ctag);
                             if tx.send(Ok(d)).await.is_err() {
@@ -802,7 +893,7 @@ impl SqliteChannel {
                 h.abort();
             }
         }
-        let (ids, queues): (Vec<i64>, Vec<String>) = match self.state.lock() {
+        let (ids, regs): (Vec<i64>, Vec<(String, u64)>) = match self.state.lock() {
             Ok(mut s) => (
                 std::mem::take(&mut s.unacked)
                     .into_values()
@@ -810,11 +901,15 @@ impl SqliteChannel {
                     .collect(),
                 std::mem::take(&mut s.consumers)
                     .into_iter()
-                    .map(|(_, e)| e.queue)
+                    .map(|(_, e)| (e.queue, e.reg))
                     .collect(),
             ),
             Err(_) => (Vec::new(), Vec::new()),
         };
+        for (q, reg) in &regs {
+            self.unregister(q, *reg);
+        }
+        let queues: Vec<String> = regs.into_iter().map(|(q, _)| q).collect();
         if let Ok(mut c) = self.shared.consumers.lock() {
             for q in &queues {
                 if let Some(n) = c.get_mut(q) {
@@ -855,11 +950,48 @@ impl SqliteChannel {
             .map(|v| (v, local))
     }
 
+    /// May this consumer take messages now? With `x-single-active-consumer` only the earliest
+    /// consumer of the queue (in this process) does; otherwise a consumer waits while one of
+    /// higher `x-priority` has room.
+    fn eligible(&self, e: &Entry) -> bool {
+        let Ok(regs) = self.shared.regs.lock() else {
+            return true;
+        };
+        let Some(list) = regs.get(&e.queue) else {
+            return true;
+        };
+        if e.single_active {
+            return list.iter().map(|r| r.id).min() == Some(e.reg);
+        }
+        let mine = e.served.load(Ordering::Acquire);
+        !list.iter().any(|r| {
+            r.id != e.reg
+                && r.room.load(Ordering::Acquire)
+                && (r.priority > e.priority
+                    // Equal priority: round robin, the one served least goes first.
+                    || (r.priority == e.priority && r.served.load(Ordering::Acquire) < mine))
+        })
+    }
+
+    fn unregister(&self, queue: &str, reg: u64) {
+        if let Ok(mut regs) = self.shared.regs.lock() {
+            if let Some(list) = regs.get_mut(queue) {
+                list.retain(|r| r.id != reg);
+                if list.is_empty() {
+                    regs.remove(queue);
+                }
+            }
+        }
+        // Someone else may take over (the next single active consumer, a lower priority).
+        self.shared.wake.notify_waiters();
+    }
+
     fn forget_consumer(&self, tag: &str) -> Option<String> {
         let mut st = self.state.lock().ok()?;
         let i = st.consumers.iter().position(|(t, _)| t == tag)?;
         let (_, e) = st.consumers.remove(i);
         drop(st);
+        self.unregister(&e.queue, e.reg);
         let mut counts = self.shared.consumers.lock().ok()?;
         if let Some(n) = counts.get_mut(&e.queue) {
             *n = n.saturating_sub(1);
@@ -1182,19 +1314,20 @@ impl TransportChannel for SqliteChannel {
             // The queue must exist.
             let q = queue.to_owned();
             let owner = self.shared.owner.clone();
-            self.w(move |_tx, topo| {
-                store::check_owner(topo, &q, &owner)?;
-                if topo.queues.contains_key(&q) {
-                    Ok(())
-                } else {
-                    Err(BrokerError::NotFound {
-                        kind: EntityKind::Queue,
-                        name: q.clone(),
+            let single_active = self
+                .w(move |_tx, topo| {
+                    store::check_owner(topo, &q, &owner)?;
+                    if let Some(meta) = topo.queues.get(&q) {
+                        Ok(meta.args.single_active_consumer)
+                    } else {
+                        Err(BrokerError::NotFound {
+                            kind: EntityKind::Queue,
+                            name: q.clone(),
+                        }
+                        .into())
                     }
-                    .into())
-                }
-            })
-            .await?;
+                })
+                .await?;
             let (tag, rx) = {
                 let mut st = self.lock()?;
                 let tag = if spec.tag.is_empty() {
@@ -1212,6 +1345,30 @@ impl TransportChannel for SqliteChannel {
                 let cap = usize::from(st.prefetch).clamp(16, 1024);
                 let (tx, rx) = mpsc::channel(cap);
                 let prefetch = if spec.no_ack { 0 } else { st.prefetch };
+                let reg = NEXT_REG.fetch_add(1, Ordering::Relaxed);
+                let priority = spec
+                    .arguments
+                    .get("x-priority")
+                    .and_then(kelp_amqp::FieldValue::as_i64)
+                    .unwrap_or(0);
+                let room = Arc::new(AtomicBool::new(true));
+                let served = Arc::new(AtomicU64::new(0));
+                if let Ok(mut regs) = self.shared.regs.lock() {
+                    let list = regs.entry(queue.to_owned()).or_default();
+                    // A newcomer starts level with the others, not ahead of them.
+                    let level = list
+                        .iter()
+                        .map(|r| r.served.load(Ordering::Acquire))
+                        .min()
+                        .unwrap_or(0);
+                    served.store(level, Ordering::Release);
+                    list.push(Reg {
+                        id: reg,
+                        priority,
+                        room: room.clone(),
+                        served: served.clone(),
+                    });
+                }
                 st.consumers.push((
                     tag.clone(),
                     Entry {
@@ -1219,6 +1376,11 @@ impl TransportChannel for SqliteChannel {
                         no_ack: spec.no_ack,
                         prefetch,
                         tx,
+                        reg,
+                        priority,
+                        single_active,
+                        room,
+                        served,
                     },
                 ));
                 (tag, rx)
@@ -1319,11 +1481,11 @@ impl TransportChannel for SqliteChannel {
                     h.abort();
                 }
             }
-            let (ids, queues): (Vec<i64>, Vec<String>) = match self.state.lock() {
+            let (ids, regs): (Vec<i64>, Vec<(String, u64)>) = match self.state.lock() {
                 Ok(mut s) => {
-                    let queues = std::mem::take(&mut s.consumers)
+                    let queues: Vec<(String, u64)> = std::mem::take(&mut s.consumers)
                         .into_iter()
-                        .map(|(_, e)| e.queue)
+                        .map(|(_, e)| (e.queue, e.reg))
                         .collect();
                     let ids = std::mem::take(&mut s.unacked)
                         .into_values()
@@ -1333,6 +1495,10 @@ impl TransportChannel for SqliteChannel {
                 }
                 Err(_) => (Vec::new(), Vec::new()),
             };
+            for (q, reg) in &regs {
+                self.unregister(q, *reg);
+            }
+            let queues: Vec<String> = regs.into_iter().map(|(q, _)| q).collect();
             if let Ok(mut c) = self.shared.consumers.lock() {
                 for q in &queues {
                     if let Some(n) = c.get_mut(q) {

@@ -1041,6 +1041,20 @@ pub(crate) fn release(tx: &Transaction<'_>, ids: &[i64]) -> Result<(), Error> {
     Ok(())
 }
 
+/// Put taken messages back as if they had never been delivered (their consumer was cancelled
+/// while they were being taken).
+pub(crate) fn unclaim(tx: &Transaction<'_>, ids: &[i64]) -> Result<(), Error> {
+    let w = |e| sql(e, "putting messages back");
+    for id in ids {
+        tx.execute(
+            "UPDATE kelp_messages SET state = 0, owner = NULL, lease_until = NULL WHERE id = ?1 AND state = 1",
+            params![id],
+        )
+        .map_err(w)?;
+    }
+    Ok(())
+}
+
 /// Has anyone else written to the file since last asked? (`PRAGMA data_version`.)
 pub(crate) fn data_version(conn: &Connection) -> rusqlite::Result<i64> {
     conn.query_row("PRAGMA data_version", [], |r| r.get(0))
