@@ -42,11 +42,11 @@ conformance_tests! {
     properties_round_trip,
     publish_defaults_match_kombu,
     immediate_is_refused,
-    #[known_bug(redis, sqlite; "N/A on redis: Kombu's Redis transport has no TTLs (x-message-ttl, expiration, x-expires) / GAP sqlite: a TTL-0 message expires on arrival; delivery to a consumer ready at that moment is not implemented")]
+    #[not_on(redis; "N/A on redis: Kombu's Redis transport has no TTLs (x-message-ttl, expiration, x-expires)")]
     expiration_zero_reaches_only_a_ready_consumer,
     #[not_on(redis; "N/A on redis: Kombu's Redis transport has no queue length limits")]
     max_length_bytes_drops_head,
-    #[known_bug(redis, sqlite; "N/A on redis: Kombu's Redis transport has no TTLs (x-message-ttl, expiration, x-expires) / GAP sqlite: x-expires (queue expiry) is not implemented yet")]
+    #[not_on(redis; "N/A on redis: Kombu's Redis transport has no TTLs (x-message-ttl, expiration, x-expires)")]
     queue_expires_when_unused,
     #[not_on(redis; "N/A on redis: Kombu's Redis transport has no dead-lettering")]
     x_death_counts_repeated_dead_lettering,

@@ -176,6 +176,18 @@ static NEXT_REG: AtomicU64 = AtomicU64::new(1);
 struct Db {
     conn: rusqlite::Connection,
     topo: store::Topology,
+    regs: Registry,
+}
+
+fn live_queues(regs: &Registry) -> std::collections::HashSet<String> {
+    regs.lock()
+        .map(|r| {
+            r.iter()
+                .filter(|(_, l)| !l.is_empty())
+                .map(|(q, _)| q.clone())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 impl std::fmt::Debug for Db {
@@ -253,8 +265,10 @@ fn writer(mut db: Db, path: PathBuf, rx: std::sync::mpsc::Receiver<Op>) {
 
 fn run_batch(db: &mut Db, path: &Path, batch: Vec<Op>) {
     let now = store::now();
-    let Db { conn, topo } = db;
+    let live = live_queues(&db.regs);
+    let Db { conn, topo, .. } = db;
     let results = store::write(conn, topo, path, |tx, topo| {
+        topo.live = live;
         let mut out = Vec::with_capacity(batch.len());
         for op in &batch {
             out.push(match op {
@@ -302,7 +316,7 @@ impl Shared {
     ) -> Result<T, Error> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.send(Op::Run(Box::new(move |db: &mut Db, path: &Path| {
-            let Db { conn, topo } = db;
+            let Db { conn, topo, .. } = db;
             let _ = tx.send(f(conn, topo, path));
         })))?;
         rx.await.map_err(|_| Error::Closed {
@@ -329,8 +343,12 @@ impl Shared {
             + Send
             + 'static,
     ) -> Result<T, Error> {
-        self.run(move |conn, topo, path| store::write(conn, topo, path, f))
-            .await
+        let live = live_queues(&self.regs);
+        self.run(move |conn, topo, path| {
+            topo.live = live;
+            store::write(conn, topo, path, f)
+        })
+        .await
     }
 
     /// Route and store a message (batched with other publishes and acks).
@@ -375,6 +393,7 @@ impl SqliteTransport {
         let db = Db {
             conn,
             topo: store::Topology::default(),
+            regs: registry_for(&opts.path),
         };
         let writer_path = opts.path.clone();
         std::thread::Builder::new()

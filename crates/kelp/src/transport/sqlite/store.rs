@@ -18,7 +18,7 @@ use super::super::virtual_broker::{
 use crate::error::Error;
 
 /// The schema this code writes and reads.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS kelp_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -27,7 +27,7 @@ CREATE TABLE IF NOT EXISTS kelp_exchanges (
     auto_delete INTEGER NOT NULL, internal INTEGER NOT NULL, arguments BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS kelp_queues (
     name TEXT PRIMARY KEY, durable INTEGER NOT NULL, exclusive_owner TEXT,
-    auto_delete INTEGER NOT NULL, arguments BLOB NOT NULL);
+    auto_delete INTEGER NOT NULL, arguments BLOB NOT NULL, last_used INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS kelp_bindings (
     source TEXT NOT NULL, destination TEXT NOT NULL, to_exchange INTEGER NOT NULL,
     routing_key TEXT NOT NULL, arguments BLOB NOT NULL,
@@ -157,6 +157,9 @@ pub(crate) struct Topology {
     pub version: i64,
     pub router: Router,
     pub queues: HashMap<String, QueueMeta>,
+    /// Queues with a consumer in this process, as the caller saw them (for TTL-0 delivery
+    /// and `x-expires`).
+    pub live: std::collections::HashSet<String>,
 }
 
 impl Default for Topology {
@@ -165,6 +168,7 @@ impl Default for Topology {
             version: -1,
             router: Router::new(),
             queues: HashMap::new(),
+            live: Default::default(),
         }
     }
 }
@@ -279,6 +283,7 @@ pub(crate) fn refresh(conn: &Connection, topo: &mut Topology) -> rusqlite::Resul
         version: v,
         router,
         queues,
+        live: std::mem::take(&mut topo.live),
     };
     Ok(())
 }
@@ -451,6 +456,8 @@ pub(crate) fn declare_queue(
     args: &FieldTable,
 ) -> Result<Declared, Error> {
     let w = |e| sql(e, "declaring a queue");
+    let now = now_ms();
+    expire_queues(tx, topo, now)?;
     if let Some(q) = topo.queues.get(name) {
         if let Some(o) = &q.exclusive_owner {
             if o != owner {
@@ -492,12 +499,13 @@ pub(crate) fn declare_queue(
     } else {
         QueueArgs::parse(name, args)?;
         tx.execute(
-            "INSERT INTO kelp_queues (name, durable, exclusive_owner, auto_delete, arguments) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![name, durable, exclusive.then_some(owner), auto_delete, encode_table(args)],
+            "INSERT INTO kelp_queues (name, durable, exclusive_owner, auto_delete, arguments, last_used) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![name, durable, exclusive.then_some(owner), auto_delete, encode_table(args), now],
         )
         .map_err(w)?;
         changed(tx, topo).map_err(w)?;
     }
+    touch(tx, name, now)?;
     let n: i64 = tx
         .query_row(
             "SELECT COUNT(*) FROM kelp_messages WHERE queue = ?1 AND state = 0",
@@ -638,12 +646,16 @@ fn store(
         (None, Some(b)) => Some(i64::try_from(b).unwrap_or(i64::MAX)),
         (None, None) => None,
     };
-    if ttl == Some(0) {
-        // RabbitMQ delivers a TTL-0 message only to a consumer ready at once; storage has
-        // nobody ready by definition, so it expires on arrival.
-        dead_letter(tx, topo, queue, msg, DeathReason::Expired, now)?;
-        return Ok(true);
-    }
+    // RabbitMQ delivers a TTL-0 message only to a consumer ready at once: with a consumer
+    // here it gets a moment to be taken, without one it expires on arrival.
+    let ttl = match ttl {
+        Some(0) if topo.live.contains(queue) => Some(1000),
+        Some(0) => {
+            dead_letter(tx, topo, queue, msg, DeathReason::Expired, now)?;
+            return Ok(true);
+        }
+        t => t,
+    };
     let priority = match meta.args.max_priority {
         Some(max) => i64::from(msg.properties.priority.unwrap_or(0).min(max)),
         None => 0,
@@ -897,6 +909,48 @@ fn sweep(tx: &Transaction<'_>, topo: &Topology, now: i64) -> Result<(), Error> {
     Ok(())
 }
 
+/// Delete queues whose `x-expires` ran out: unused (no consumer here, no get, no declare)
+/// for that long.
+pub(crate) fn expire_queues(
+    tx: &Transaction<'_>,
+    topo: &mut Topology,
+    now: i64,
+) -> Result<(), Error> {
+    let w = |e| sql(e, "expiring queues");
+    let candidates: Vec<(String, i64)> = topo
+        .queues
+        .iter()
+        .filter(|(n, _)| !topo.live.contains(*n))
+        .filter_map(|(n, m)| {
+            m.args
+                .expires
+                .map(|e| (n.clone(), i64::try_from(e).unwrap_or(i64::MAX)))
+        })
+        .collect();
+    for (name, expires) in candidates {
+        let last: i64 = tx
+            .query_row(
+                "SELECT last_used FROM kelp_queues WHERE name = ?1",
+                params![name],
+                |r| r.get(0),
+            )
+            .map_err(w)?;
+        if last.saturating_add(expires) <= now {
+            delete_queue(tx, topo, &name, false)?;
+        }
+    }
+    Ok(())
+}
+
+fn touch(tx: &Transaction<'_>, queue: &str, now: i64) -> Result<(), Error> {
+    tx.execute(
+        "UPDATE kelp_queues SET last_used = ?2 WHERE name = ?1",
+        params![queue, now],
+    )
+    .map_err(|e| sql(e, "marking a queue used"))?;
+    Ok(())
+}
+
 /// A message taken for delivery.
 #[derive(Debug)]
 pub(crate) struct Taken {
@@ -925,6 +979,7 @@ pub(crate) fn take(
     }
     check_owner(topo, queue, owner)?;
     sweep(tx, topo, now)?;
+    touch(tx, queue, now)?;
     let w = |e| sql(e, "taking messages");
     let rows = take_ready(tx, queue, n)?;
     let mut out = Vec::with_capacity(rows.len());
