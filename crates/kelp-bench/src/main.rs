@@ -24,6 +24,13 @@
 //! `redis-benchmark`'s LPUSH/RPOP rate. They need a Redis server (`--url redis://…`, else
 //! redis://127.0.0.1:6379/0) and take minutes at the default count (Kombu consumes ~2000
 //! msg/s), so they are not part of `all` either.
+//!
+//! `rpc-pattern` measures kelp's RPC pattern (`kelp::patterns::Rpc`, JSON) against aio-pika's
+//! `JsonRPC` in the same run (`python/aio_pika_rpc_bench.py`): calls/s with 64 in flight and
+//! one-at-a-time p50, kelp with replies through its result queue and through direct reply-to.
+//! `sqlite-publish` and `sqlite-consume` measure kelp's embedded `sqlite://` transport on a
+//! fresh file in the temp directory. None of the three is part of `all` (aio-pika's run takes
+//! tens of seconds; the sqlite ones write 100k messages to disk twice).
 
 mod amqprs_client;
 mod decode;
@@ -37,7 +44,11 @@ mod recovery;
 #[cfg(feature = "kelp")]
 mod redis;
 mod report;
+#[cfg(feature = "kelp")]
+mod rpc_pattern;
 mod sink;
+#[cfg(feature = "kelp")]
+mod sqlite;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -79,11 +90,16 @@ scenarios (default count):
   recovery  restarts RabbitMQ N times: broker back -> first kelp delivery (restarts)    (10)
   redis-publish  kelp redis:// Producer (64 in flight, and 1) vs Kombu, redis-benchmark (100000)
   redis-consume  kelp redis:// Consumer, prefetch 100, ack each, vs Kombu, redis-benchmark (100000)
-  all       every scenario above in turn except recovery and redis-*
+  rpc-pattern    kelp's Rpc (JSON; result queue and direct reply-to) vs aio-pika JsonRPC,
+                 64 calls in flight and one at a time (p50)                           (10000)
+  sqlite-publish kelp sqlite:// Producer on a fresh temp file, 64 in flight and 1    (100000)
+  sqlite-consume kelp sqlite:// Consumer, prefetch 100, ack each, after a prefill    (100000)
+  all       every scenario above in turn except recovery, redis-*, rpc-pattern and sqlite-*
 
 options:
   --url URL        broker URL (default amqp://guest:guest@127.0.0.1:5672/%2f; redis-*
-                   use it if it is redis://…, else redis://127.0.0.1:6379/0)
+                   use it if it is redis://…, else redis://127.0.0.1:6379/0; sqlite-* use
+                   a fresh file under $TMPDIR and ignore it)
   --count N        messages (round trips for rpc) per client run
   --clients LIST   which of kelp,lapin,amqprs to run (always measured in that order)
   --repeat R       run each client R times and report the best (default 1)
@@ -102,6 +118,9 @@ enum Scenario {
     Recovery,
     RedisPublish,
     RedisConsume,
+    RpcPattern,
+    SqlitePublish,
+    SqliteConsume,
 }
 
 impl Scenario {
@@ -129,6 +148,9 @@ impl Scenario {
             Self::Recovery => "recovery",
             Self::RedisPublish => "redis-publish",
             Self::RedisConsume => "redis-consume",
+            Self::RpcPattern => "rpc-pattern",
+            Self::SqlitePublish => "sqlite-publish",
+            Self::SqliteConsume => "sqlite-consume",
         }
     }
 
@@ -139,8 +161,11 @@ impl Scenario {
             | Self::Consume
             | Self::Library
             | Self::RedisPublish
-            | Self::RedisConsume => 100_000,
+            | Self::RedisConsume
+            | Self::SqlitePublish
+            | Self::SqliteConsume => 100_000,
             Self::Rpc => 5_000,
+            Self::RpcPattern => 10_000,
             Self::Sink | Self::Decode | Self::Memory => 1_000_000,
             Self::Recovery => 10,
         }
@@ -246,6 +271,9 @@ fn parse_args(args: &[String]) -> BenchResult<Option<Config>> {
                             Scenario::Recovery,
                             Scenario::RedisPublish,
                             Scenario::RedisConsume,
+                            Scenario::RpcPattern,
+                            Scenario::SqlitePublish,
+                            Scenario::SqliteConsume,
                         ])
                         .find(|s| s.name() == name)
                         .ok_or_else(|| format!("unknown scenario {name:?}\n\n{USAGE}"))?],
@@ -301,7 +329,10 @@ async fn network_run(client: Client, scenario: Scenario, opts: &Opts) -> BenchRe
             | Scenario::Library
             | Scenario::Recovery
             | Scenario::RedisPublish
-            | Scenario::RedisConsume,
+            | Scenario::RedisConsume
+            | Scenario::RpcPattern
+            | Scenario::SqlitePublish
+            | Scenario::SqliteConsume,
         ) => return Err("not a per-client scenario".into()),
     };
     Ok(Outcome::Done(m))
@@ -320,7 +351,10 @@ async fn kelp_network_run(scenario: Scenario, opts: &Opts) -> BenchResult<Outcom
         | Scenario::Library
         | Scenario::Recovery
         | Scenario::RedisPublish
-        | Scenario::RedisConsume => return Err("not a per-client scenario".into()),
+        | Scenario::RedisConsume
+        | Scenario::RpcPattern
+        | Scenario::SqlitePublish
+        | Scenario::SqliteConsume => return Err("not a per-client scenario".into()),
     };
     Ok(Outcome::Done(m))
 }
@@ -514,8 +548,65 @@ fn run_redis_scenario(
     Ok(())
 }
 
+/// `rpc-pattern`: kelp's RPC pattern vs aio-pika's.
+#[cfg(feature = "kelp")]
+fn run_rpc_pattern_scenario(
+    rt: &tokio::runtime::Runtime,
+    cfg: &Config,
+    count: u64,
+) -> BenchResult<()> {
+    println!(
+        "# rpc-pattern: {count} JSON calls per run ({} in flight, then one at a time), best of \
+         {}; callee and caller in one process on two connections to {}; cpu is that process's \
+         (both sides), not the broker's",
+        rpc_pattern::WINDOW,
+        cfg.repeat,
+        cfg.url
+    );
+    rpc_pattern::run(rt, &cfg.url, count, cfg.repeat, RUN_TIMEOUT)
+}
+
+#[cfg(not(feature = "kelp"))]
+fn run_rpc_pattern_scenario(_: &tokio::runtime::Runtime, _: &Config, _: u64) -> BenchResult<()> {
+    println!("{KELP_NOT_BUILT}");
+    Ok(())
+}
+
+/// `sqlite-publish` / `sqlite-consume`: kelp's embedded `sqlite://` transport.
+#[cfg(feature = "kelp")]
+fn run_sqlite_scenario(
+    rt: &tokio::runtime::Runtime,
+    scenario: Scenario,
+    cfg: &Config,
+    count: u64,
+) -> BenchResult<()> {
+    let phase = match scenario {
+        Scenario::SqliteConsume => sqlite::Phase::Consume,
+        _ => sqlite::Phase::Publish,
+    };
+    println!("{}", sqlite::header(phase, count, cfg.repeat));
+    sqlite::run(rt, phase, count, cfg.repeat, RUN_TIMEOUT)
+}
+
+#[cfg(not(feature = "kelp"))]
+fn run_sqlite_scenario(
+    _: &tokio::runtime::Runtime,
+    _: Scenario,
+    _: &Config,
+    _: u64,
+) -> BenchResult<()> {
+    println!("{KELP_NOT_BUILT}");
+    Ok(())
+}
+
 fn run_scenario(rt: &tokio::runtime::Runtime, scenario: Scenario, cfg: &Config) -> BenchResult<()> {
     let count = cfg.count.unwrap_or(scenario.default_count());
+    if scenario == Scenario::RpcPattern {
+        return run_rpc_pattern_scenario(rt, cfg, count);
+    }
+    if matches!(scenario, Scenario::SqlitePublish | Scenario::SqliteConsume) {
+        return run_sqlite_scenario(rt, scenario, cfg, count);
+    }
     if matches!(scenario, Scenario::RedisPublish | Scenario::RedisConsume) {
         return run_redis_scenario(rt, scenario, cfg, count);
     }
@@ -674,6 +765,21 @@ mod tests {
         assert!(parse_args(&args("nope")).is_err());
         assert!(parse_args(&args("publish --clients rabbit")).is_err());
         assert!(parse_args(&args("publish --count")).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn parses_rpc_pattern_and_sqlite_outside_all() -> BenchResult<()> {
+        for (name, scenario, count) in [
+            ("rpc-pattern", Scenario::RpcPattern, 10_000),
+            ("sqlite-publish", Scenario::SqlitePublish, 100_000),
+            ("sqlite-consume", Scenario::SqliteConsume, 100_000),
+        ] {
+            let cfg = parse_args(&args(name))?.ok_or("help")?;
+            assert_eq!(cfg.scenarios, [scenario]);
+            assert_eq!(scenario.default_count(), count);
+            assert!(!Scenario::ALL.contains(&scenario));
+        }
         Ok(())
     }
 

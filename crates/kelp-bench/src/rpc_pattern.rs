@@ -1,0 +1,415 @@
+//! The `rpc-pattern` scenario: kelp's RPC pattern (`kelp::patterns::Rpc`, JSON format) against
+//! aio-pika's `JsonRPC`, measured in the same run.
+//!
+//! Each side runs callee and caller in one process on two connections: the callee registers
+//! a method whose handler echoes its keyword arguments (declared auto-delete, as aio-pika's
+//! `register(..., auto_delete=True)`), the caller calls it with `{"i": i}` and checks the
+//! echo. After [`WARMUP`] untimed calls, one run measures
+//!
+//! - `count` calls with [`WINDOW`] in flight (the headline: calls/s and CPU per call), timed
+//!   from the first call to the last answer;
+//! - `count` calls one at a time, each timed on its own (p50, p99).
+//!
+//! kelp runs twice: replies through its result queue (aio-pika's way) and through RabbitMQ's
+//! direct reply-to (`RpcOptions::direct_reply_to`). aio-pika runs in
+//! `python/aio_pika_rpc_bench.py` (one process per run; it times itself, so the
+//! interpreter's start-up is not counted). With `--repeat R` the three take turns R times
+//! and each measurement reports its best run. CPU is the whole process's (callee and caller
+//! both; `getrusage` here, `time.process_time` in Python), never the broker's.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use kelp::patterns::{Format, RegisterOptions, Rpc, RpcError, RpcOptions};
+use kelp::{Connection, Queue};
+
+use crate::report::{format_line, format_ratio, Measurement, Percentiles, Timer};
+use crate::{fresh_queue_name, BenchResult};
+
+/// Calls in flight in the windowed measurement, for kelp and aio-pika.
+pub const WINDOW: usize = 64;
+/// Untimed calls before the timed ones.
+const WARMUP: u64 = 100;
+/// The headline goal: kelp at least this many times aio-pika's calls/s.
+const GOAL: f64 = 10.0;
+/// Python with aio-pika when `$KELP_PYTHON` is not set.
+const DEFAULT_PYTHON: &str = "/work/pyenv/bin/python";
+/// Bounds one aio-pika run (seconds).
+const AIO_PIKA_TIMEOUT_SECS: u64 = 600;
+const SCENARIO: &str = "rpc-pattern";
+
+/// The keyword arguments of a call, and what the callee answers (it echoes them).
+type Kwargs = BTreeMap<String, u64>;
+
+/// One run's two figures.
+#[derive(Debug, Clone, PartialEq)]
+struct Run {
+    /// [`WINDOW`] calls in flight.
+    windowed: Measurement,
+    /// One call at a time, with p50/p99.
+    seq: Measurement,
+}
+
+/// One call to `method` with `{"i": i}`; fails unless the answer echoes it.
+async fn call(rpc: &Rpc, method: &str, i: u64) -> BenchResult<()> {
+    let kwargs = Kwargs::from([("i".to_owned(), i)]);
+    let answer = rpc.call(method, &kwargs).await?;
+    match answer.get("i").and_then(|v| v.as_u64()) {
+        Some(got) if got == i => Ok(()),
+        _ => Err(format!("rpc-pattern: call {i} answered {answer}").into()),
+    }
+}
+
+/// `count` calls with at most `window` in flight.
+async fn call_all(rpc: &Rpc, method: &str, count: u64, window: usize) -> BenchResult<()> {
+    let mut in_flight = FuturesUnordered::new();
+    for i in 0..count {
+        if in_flight.len() >= window {
+            if let Some(done) = in_flight.next().await {
+                done?;
+            }
+        }
+        in_flight.push(call(rpc, method, i));
+    }
+    while let Some(done) = in_flight.next().await {
+        done?;
+    }
+    Ok(())
+}
+
+/// One kelp run: callee and caller on two connections, the caller's replies through the
+/// result queue or (`direct`) direct reply-to.
+async fn kelp_run(url: &str, count: u64, direct: bool) -> BenchResult<Run> {
+    let callee_conn = Connection::open(url).await?;
+    let caller_conn = Connection::open(url).await?;
+    let callee_ch = callee_conn.channel().await?;
+    let callee = Rpc::create(&callee_ch, RpcOptions::new(Format::Json)).await?;
+    let method = fresh_queue_name(if direct { "kelp-direct" } else { "kelp" }, SCENARIO);
+    let method = method.as_str();
+    let register = RegisterOptions {
+        auto_delete: true,
+        ..Default::default()
+    };
+    callee
+        .register_with(method, register, |kwargs: Kwargs| async move {
+            Ok::<_, RpcError>(kwargs)
+        })
+        .await?;
+    let caller_ch = caller_conn.channel().await?;
+    let caller = Rpc::create(
+        &caller_ch,
+        RpcOptions::new(Format::Json).direct_reply_to(direct),
+    )
+    .await?;
+
+    let result = async {
+        for i in 0..WARMUP {
+            call(&caller, method, i).await?;
+        }
+        let timer = Timer::start()?;
+        call_all(&caller, method, count, WINDOW).await?;
+        let windowed = timer.stop(count)?;
+
+        let mut samples = Vec::with_capacity(usize::try_from(count)?);
+        let timer = Timer::start()?;
+        for i in 0..count {
+            let t = Instant::now();
+            call(&caller, method, i).await?;
+            samples.push(t.elapsed());
+        }
+        let seq = timer
+            .stop(count)?
+            .with_latency(Percentiles::from_samples(&mut samples));
+        BenchResult::Ok(Run { windowed, seq })
+    }
+    .await;
+
+    let closed = async {
+        caller.close().await?;
+        callee.close().await?;
+        // Cancelling the consumer deleted the auto-delete method queue; this is in case not.
+        Queue::new(method)
+            .delete(&callee_ch, false, false)
+            .await
+            .ok();
+        caller_conn.close().await?;
+        callee_conn.close().await?;
+        BenchResult::Ok(())
+    }
+    .await;
+    let run = result?;
+    closed?;
+    Ok(run)
+}
+
+/// One kelp run under `timeout`.
+fn kelp_once(
+    rt: &tokio::runtime::Runtime,
+    url: &str,
+    count: u64,
+    direct: bool,
+    timeout: Duration,
+) -> BenchResult<Run> {
+    rt.block_on(async {
+        match tokio::time::timeout(timeout, kelp_run(url, count, direct)).await {
+            Ok(run) => run,
+            Err(_) => Err(format!("timed out after {timeout:?}").into()),
+        }
+    })
+}
+
+/// Of several runs, the highest calls/s of each measurement.
+fn best_run(runs: Vec<Run>) -> BenchResult<Run> {
+    let (windowed, seq): (Vec<_>, Vec<_>) = runs.into_iter().map(|r| (r.windowed, r.seq)).unzip();
+    Ok(Run {
+        windowed: Measurement::best(windowed).ok_or("no runs")?,
+        seq: Measurement::best(seq).ok_or("no runs")?,
+    })
+}
+
+/// The number after `"key":` in a flat JSON object (`None` if absent or `null`).
+fn json_number(json: &str, key: &str) -> Option<f64> {
+    let at = json.find(&format!("\"{key}\":"))? + key.len() + 3;
+    let rest = json.get(at..)?.trim_start();
+    let end = rest.find([',', '}']).unwrap_or(rest.len());
+    rest.get(..end)?.trim().parse().ok()
+}
+
+/// The string after `"key":` in a flat JSON object (no escapes expected).
+fn json_string(json: &str, key: &str) -> Option<String> {
+    let at = json.find(&format!("\"{key}\":"))? + key.len() + 3;
+    let rest = json.get(at..)?.trim_start().strip_prefix('"')?;
+    Some(rest.get(..rest.find('"')?)?.to_owned())
+}
+
+/// The script's JSON line: its version and its run.
+fn parse_aio_pika(json: &str) -> BenchResult<(String, Run)> {
+    let count = json_number(json, "count").ok_or("no count")?;
+    let phase = |wall: &str, cpu: &str| {
+        let (wall, cpu) = (json_number(json, wall)?, json_number(json, cpu)?);
+        Some(Measurement {
+            // A call count printed by the script: a whole number.
+            msgs: count as u64,
+            wall: Duration::try_from_secs_f64(wall).ok()?,
+            cpu: Duration::try_from_secs_f64(cpu).ok()?,
+            latency: None,
+        })
+    };
+    let latency = match (
+        json_number(json, "seq_p50_us"),
+        json_number(json, "seq_p99_us"),
+    ) {
+        (Some(p50_us), Some(p99_us)) => Some(Percentiles { p50_us, p99_us }),
+        _ => None,
+    };
+    let run = Run {
+        windowed: phase("windowed_s", "windowed_cpu_s").ok_or("no windowed figures")?,
+        seq: phase("seq_s", "seq_cpu_s")
+            .ok_or("no sequential figures")?
+            .with_latency(latency),
+    };
+    let version = json_string(json, "aio_pika").unwrap_or_else(|| "?".into());
+    Ok((version, run))
+}
+
+/// `$KELP_PYTHON`, else [`DEFAULT_PYTHON`]: `Ok` if it imports aio_pika, else `Err` with it.
+fn aio_pika_python() -> Result<String, String> {
+    let python = std::env::var("KELP_PYTHON")
+        .ok()
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| DEFAULT_PYTHON.to_owned());
+    let ok = Command::new(&python)
+        .args(["-c", "import aio_pika"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if ok {
+        Ok(python)
+    } else {
+        Err(python)
+    }
+}
+
+fn aio_pika_script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python/aio_pika_rpc_bench.py")
+}
+
+/// One aio-pika run in a child Python process.
+fn aio_pika_run(python: &str, url: &str, count: u64) -> BenchResult<(String, Run)> {
+    let script = aio_pika_script();
+    let out = Command::new(python)
+        .arg(&script)
+        .args(["--url", url, "--count", &count.to_string()])
+        .args(["--window", &WINDOW.to_string()])
+        .args(["--warmup", &WARMUP.to_string()])
+        .args(["--timeout", &AIO_PIKA_TIMEOUT_SECS.to_string()])
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(format!(
+            "aio-pika: {} {} failed ({}): {}",
+            python,
+            script.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+        .into());
+    }
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))
+        .ok_or_else(|| format!("aio-pika: no JSON line in {stdout:?}"))?;
+    parse_aio_pika(line).map_err(|e| format!("aio-pika: {e} in {line:?}").into())
+}
+
+fn goal_note(kelp: &Measurement, aio_pika: &Measurement) -> String {
+    let ratio = kelp.msgs_per_sec() / aio_pika.msgs_per_sec().max(1e-9);
+    let verdict = if ratio >= GOAL { "met" } else { "NOT met" };
+    format!("  (goal >= {GOAL:.0}x calls/s: {verdict})")
+}
+
+/// `rpc-pattern`: kelp (queue reply), kelp (direct reply-to) and aio-pika, then the ratios.
+pub fn run(
+    rt: &tokio::runtime::Runtime,
+    url: &str,
+    count: u64,
+    repeat: usize,
+    timeout: Duration,
+) -> BenchResult<()> {
+    let line = |who: &str, m: &Measurement, what: &str| {
+        println!("{}  {what}", format_line(SCENARIO, who, m));
+    };
+    // The three sides take turns, so each sees the broker and the machine as the others do.
+    let python = aio_pika_python();
+    let (mut queue, mut direct, mut aio_pika) = (Vec::new(), Vec::new(), Vec::new());
+    let mut version = String::new();
+    for _ in 0..repeat {
+        queue.push(kelp_once(rt, url, count, false, timeout)?);
+        direct.push(kelp_once(rt, url, count, true, timeout)?);
+        if let Ok(python) = &python {
+            let (v, run) = aio_pika_run(python, url, count)?;
+            version = v;
+            aio_pika.push(run);
+        }
+    }
+    let (queue, direct) = (best_run(queue)?, best_run(direct)?);
+
+    let windowed = format!("{WINDOW} calls in flight");
+    line(
+        "kelp",
+        &queue.windowed,
+        &format!("Rpc.call (JSON), reply through the result queue, {windowed}"),
+    );
+    line(
+        "kelp-direct",
+        &direct.windowed,
+        &format!("Rpc.call (JSON), reply through direct reply-to, {windowed}"),
+    );
+    let aio_pika = match python {
+        Ok(_) => {
+            let run = best_run(aio_pika)?;
+            line(
+                "aio-pika",
+                &run.windowed,
+                &format!("aio-pika {version} JsonRPC.call, {windowed}"),
+            );
+            Some(run)
+        }
+        Err(python) => {
+            println!(
+                "{SCENARIO} aio-pika: skipped ({python} cannot import aio_pika: set KELP_PYTHON \
+                 to a Python with aio-pika 9.5, default {DEFAULT_PYTHON})"
+            );
+            None
+        }
+    };
+    line("kelp-seq", &queue.seq, "one call at a time, result queue");
+    line(
+        "kelp-direct-seq",
+        &direct.seq,
+        "one call at a time, direct reply-to",
+    );
+    if let Some(run) = &aio_pika {
+        line(
+            "aio-pika-seq",
+            &run.seq,
+            &format!("aio-pika {version}, one call at a time"),
+        );
+        for (who, m) in [("kelp", &queue.windowed), ("kelp-direct", &direct.windowed)] {
+            println!(
+                "{}{}",
+                format_ratio(who, m, "aio-pika", &run.windowed),
+                goal_note(m, &run.windowed)
+            );
+        }
+        for (who, m) in [("kelp-seq", &queue.seq), ("kelp-direct-seq", &direct.seq)] {
+            println!("{}", format_ratio(who, m, "aio-pika-seq", &run.seq));
+        }
+    }
+    println!(
+        "{}  (direct reply-to vs result queue)",
+        format_ratio("kelp-direct", &direct.windowed, "kelp", &queue.windowed)
+    );
+    println!(
+        "{}  (direct reply-to vs result queue)",
+        format_ratio("kelp-direct-seq", &direct.seq, "kelp-seq", &queue.seq)
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_aio_pika_json() -> BenchResult<()> {
+        let (version, run) = parse_aio_pika(
+            r#"{"aio_pika": "9.5.5", "count": 2000, "window": 64, "windowed_s": 2.0, "windowed_cpu_s": 1.5, "windowed_per_s": 1000.0, "seq_s": 4, "seq_cpu_s": 1, "seq_per_s": 500.0, "seq_p50_us": 1900.5, "seq_p99_us": 4000.0}"#,
+        )?;
+        assert_eq!(version, "9.5.5");
+        assert_eq!(run.windowed.msgs, 2000);
+        assert_eq!(run.windowed.wall, Duration::from_secs(2));
+        assert_eq!(run.windowed.cpu, Duration::from_millis(1500));
+        assert_eq!(run.windowed.latency, None);
+        assert_eq!(run.seq.wall, Duration::from_secs(4));
+        assert_eq!(
+            run.seq.latency,
+            Some(Percentiles {
+                p50_us: 1900.5,
+                p99_us: 4000.0
+            })
+        );
+        assert!(parse_aio_pika("{}").is_err());
+        assert!(parse_aio_pika(r#"{"count": 1, "windowed_s": 1, "windowed_cpu_s": 1}"#).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn best_run_takes_each_best() -> BenchResult<()> {
+        let m = |wall_ms: u64| Measurement {
+            msgs: 10,
+            wall: Duration::from_millis(wall_ms),
+            cpu: Duration::from_millis(1),
+            latency: None,
+        };
+        let best = best_run(vec![
+            Run {
+                windowed: m(10),
+                seq: m(90),
+            },
+            Run {
+                windowed: m(20),
+                seq: m(50),
+            },
+        ])?;
+        assert_eq!(
+            (best.windowed.wall, best.seq.wall),
+            (Duration::from_millis(10), Duration::from_millis(50))
+        );
+        assert!(best_run(Vec::new()).is_err());
+        Ok(())
+    }
+}
