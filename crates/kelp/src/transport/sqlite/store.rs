@@ -48,6 +48,7 @@ CREATE TABLE IF NOT EXISTS kelp_messages (
 CREATE INDEX IF NOT EXISTS kelp_messages_ready ON kelp_messages (queue, state, priority DESC, id);
 CREATE INDEX IF NOT EXISTS kelp_messages_owner ON kelp_messages (owner);
 CREATE INDEX IF NOT EXISTS kelp_messages_expiry ON kelp_messages (expires_at) WHERE expires_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS kelp_messages_leases ON kelp_messages (lease_until) WHERE state = 1;
 ";
 
 pub(crate) fn db_err<'a>(
