@@ -149,7 +149,8 @@ fn essence(content_type: &str) -> &str {
 /// let order = Order { id: 7, items: vec!["tea".into()] };
 /// let encoded = registry.encode("json", &order)?;
 /// assert_eq!(encoded.content_type, "application/json");
-/// assert_eq!(&encoded.body[..], br#"{"id":7,"items":["tea"]}"#);
+/// // Byte for byte what Python's json.dumps (so Kombu) writes.
+/// assert_eq!(&encoded.body[..], br#"{"id": 7, "items": ["tea"]}"#);
 ///
 /// let back: Order = registry.decode(Some(&encoded.content_type), Some(&encoded.content_encoding), &encoded.body)?;
 /// assert_eq!(back, order);
