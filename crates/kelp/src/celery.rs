@@ -155,7 +155,7 @@ impl TaskMessage {
     pub fn new(task: impl Into<String>) -> Self {
         TaskMessage {
             task: task.into(),
-            id: crate::transport::redis::envelope::uuid4(),
+            id: crate::ids::uuid4(),
             args: Vec::new(),
             kwargs: Map::new(),
             lang: "py".into(),

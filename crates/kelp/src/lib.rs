@@ -20,6 +20,7 @@ pub mod connection;
 pub mod consumer;
 pub mod entity;
 pub mod error;
+mod ids;
 pub mod message;
 pub mod patterns;
 pub mod pool;

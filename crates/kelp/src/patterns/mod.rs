@@ -115,20 +115,7 @@ impl Format {
 }
 
 /// A fresh random (version 4) UUID, hyphenated, as aio-pika's `str(uuid.uuid4())`.
-pub(crate) fn uuid4() -> String {
-    let mut b = fastrand::u128(..).to_be_bytes();
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
-}
+pub(crate) use crate::ids::uuid4;
 
 /// Seconds since the Unix epoch, for the `timestamp` property aio-pika sets.
 pub(crate) fn now_secs() -> u64 {

@@ -53,19 +53,7 @@ pub struct Decoded {
 
 /// A version-4 UUID, as Kombu's delivery tags are.
 pub fn uuid4() -> String {
-    let a = fastrand::u64(..);
-    let b = fastrand::u64(..);
-    // Version 4, variant 10xx.
-    let hi = (a & 0xffff_ffff_ffff_0fff) | 0x0000_0000_0000_4000;
-    let lo = (b & 0x3fff_ffff_ffff_ffff) | 0x8000_0000_0000_0000;
-    format!(
-        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
-        hi >> 32,
-        (hi >> 16) & 0xffff,
-        hi & 0xffff,
-        lo >> 48,
-        lo & 0xffff_ffff_ffff
-    )
+    crate::ids::uuid4()
 }
 
 fn field_to_json(v: &FieldValue) -> Value {

@@ -104,21 +104,32 @@ impl SqliteOptions {
     }
 }
 
+/// The one `T` of a database file in this process (by canonical path), shared by all its
+/// connections while any holds it.
+fn per_file<T: Default + Send + Sync + 'static>(
+    all: &'static OnceLock<Mutex<HashMap<PathBuf, Weak<T>>>>,
+    path: &Path,
+) -> Arc<T> {
+    let key = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
+    let Ok(mut map) = all.get_or_init(Default::default).lock() else {
+        return Arc::default();
+    };
+    map.retain(|_, w| w.strong_count() > 0);
+    if let Some(t) = map.get(&key).and_then(Weak::upgrade) {
+        return t;
+    }
+    let t = Arc::<T>::default();
+    map.insert(key, Arc::downgrade(&t));
+    t
+}
+
+type PerFile<T> = OnceLock<Mutex<HashMap<PathBuf, Weak<T>>>>;
+
 /// One process-wide wake-up per database file, so publishes wake consumers of every
 /// connection in the process at once.
 fn wake_for(path: &Path) -> Arc<Notify> {
-    static WAKES: OnceLock<Mutex<HashMap<PathBuf, Weak<Notify>>>> = OnceLock::new();
-    let key = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
-    let Ok(mut map) = WAKES.get_or_init(Default::default).lock() else {
-        return Arc::new(Notify::new());
-    };
-    map.retain(|_, w| w.strong_count() > 0);
-    if let Some(n) = map.get(&key).and_then(Weak::upgrade) {
-        return n;
-    }
-    let n = Arc::new(Notify::new());
-    map.insert(key, Arc::downgrade(&n));
-    n
+    static WAKES: PerFile<Notify> = OnceLock::new();
+    per_file(&WAKES, path)
 }
 
 /// Consumers per queue of a database file, across the process's connections (for
@@ -126,19 +137,8 @@ fn wake_for(path: &Path) -> Arc<Notify> {
 type ConsumerCounts = Arc<Mutex<HashMap<String, usize>>>;
 
 fn counts_for(path: &Path) -> ConsumerCounts {
-    type Registry = Mutex<HashMap<PathBuf, Weak<Mutex<HashMap<String, usize>>>>>;
-    static COUNTS: OnceLock<Registry> = OnceLock::new();
-    let key = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
-    let Ok(mut map) = COUNTS.get_or_init(Default::default).lock() else {
-        return Arc::default();
-    };
-    map.retain(|_, w| w.strong_count() > 0);
-    if let Some(c) = map.get(&key).and_then(Weak::upgrade) {
-        return c;
-    }
-    let c: ConsumerCounts = Arc::default();
-    map.insert(key, Arc::downgrade(&c));
-    c
+    static COUNTS: PerFile<Mutex<HashMap<String, usize>>> = OnceLock::new();
+    per_file(&COUNTS, path)
 }
 
 /// A consumer as the other consumers of its queue in this process see it (for single active
@@ -156,19 +156,8 @@ struct Reg {
 type Registry = Arc<Mutex<HashMap<String, Vec<Reg>>>>;
 
 fn registry_for(path: &Path) -> Registry {
-    type All = Mutex<HashMap<PathBuf, Weak<Mutex<HashMap<String, Vec<Reg>>>>>>;
-    static REGS: OnceLock<All> = OnceLock::new();
-    let key = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
-    let Ok(mut map) = REGS.get_or_init(Default::default).lock() else {
-        return Arc::default();
-    };
-    map.retain(|_, w| w.strong_count() > 0);
-    if let Some(r) = map.get(&key).and_then(Weak::upgrade) {
-        return r;
-    }
-    let r: Registry = Arc::default();
-    map.insert(key, Arc::downgrade(&r));
-    r
+    static REGS: PerFile<Mutex<HashMap<String, Vec<Reg>>>> = OnceLock::new();
+    per_file(&REGS, path)
 }
 
 static NEXT_REG: AtomicU64 = AtomicU64::new(1);
@@ -389,11 +378,12 @@ impl SqliteTransport {
                 what: "SQLite worker",
             })??;
         let path_for_counts = opts.path.clone();
+        let regs = registry_for(&opts.path);
         let (ops, rx) = std::sync::mpsc::channel();
         let db = Db {
             conn,
             topo: store::Topology::default(),
-            regs: registry_for(&opts.path),
+            regs: regs.clone(),
         };
         let writer_path = opts.path.clone();
         std::thread::Builder::new()
@@ -408,12 +398,12 @@ impl SqliteTransport {
             wake: wake_for(&opts.path),
             opts,
             ops: Mutex::new(ops),
-            owner: super::redis::envelope::uuid4(),
+            owner: crate::ids::uuid4(),
             closed: watch::channel(None).0,
             channels: Mutex::new(Vec::new()),
             next_channel: AtomicU64::new(1),
             consumers: counts_for(&path_for_counts),
-            regs: registry_for(&path_for_counts),
+            regs,
             local_writes: AtomicU64::new(0),
         });
         // Keep this connection's leases alive while it lives.
@@ -1137,7 +1127,7 @@ impl TransportChannel for SqliteChannel {
         Box::pin(async move {
             self.check_open()?;
             let name = if name.is_empty() {
-                format!("amq.gen-{}", super::redis::envelope::uuid4())
+                format!("amq.gen-{}", crate::ids::uuid4())
             } else {
                 name.to_owned()
             };
