@@ -26,6 +26,7 @@
 //! dead-lettering on Redis (Kombu has none either): those calls return
 //! [`Error::NotSupported`](crate::Error::NotSupported).
 
+mod connect;
 pub mod envelope;
 pub mod keys;
 
@@ -46,7 +47,7 @@ use super::{
     BoxFuture, ConsumeSpec, DeliveryStream, ExchangeFlags, PublishOutcome, QueueDeclared,
     QueueFlags, RawDelivery, RawReturn, Transport, TransportChannel,
 };
-use crate::error::{mask_url, Error};
+use crate::error::Error;
 
 fn rerr(context: &'static str) -> impl FnOnce(redis::RedisError) -> Error {
     move |e| Error::Redis {
@@ -279,21 +280,7 @@ impl RedisTransport {
         options: &crate::connection::ConnectOptions,
     ) -> Result<Self, Error> {
         let opts = RedisOptions::parse(url)?;
-        let client = redis::Client::open(opts.server_url.as_str()).map_err(|e| Error::Url {
-            url: mask_url(url),
-            reason: e.to_string(),
-        })?;
-        let mut config = redis::AsyncConnectionConfig::new();
-        if let Some(t) = options.connect_timeout {
-            config = config.set_connection_timeout(Some(t));
-        }
-        if let Some(t) = opts.socket_timeout {
-            config = config.set_response_timeout(Some(t));
-        }
-        let conn = client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await
-            .map_err(rerr("connecting"))?;
+        let (client, conn) = connect::open(url, &opts, options).await?;
         let shared = Arc::new(Shared {
             opts,
             client,
