@@ -1,4 +1,4 @@
-//! A channel on a [`Connection`](crate::Connection): declares entities and carries producers
+//! A channel on a [`Connection`]: declares entities and carries producers
 //! and consumers.
 
 use std::sync::Arc;

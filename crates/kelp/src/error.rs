@@ -21,7 +21,7 @@ use crate::transport::virtual_broker::BrokerError;
 pub enum Error {
     /// The URL names a scheme no transport handles.
     #[error(
-        "unknown transport `{scheme}` in URL {url}: kelp knows amqp://, amqps://, redis://, sqlite:// and memory://"
+        "unknown transport `{scheme}` in URL {url}: kelp knows amqp://, amqps://, redis://, rediss://, sentinel://, sqlite:// and memory://"
     )]
     UnknownTransport {
         /// The scheme found.
@@ -220,6 +220,14 @@ impl Error {
 /// assert_eq!(kelp::error::mask_url("amqp://bob:s3cret@host//"), "amqp://bob:****@host//");
 /// ```
 pub fn mask_url(url: &str) -> String {
+    // A failover list (`amqp://a;amqp://b`, `sentinel://a;sentinel://b`): each one masked.
+    url.split(';').map(mask_one).collect::<Vec<_>>().join(";")
+}
+
+/// Query options that hold a secret.
+const SECRET_OPTIONS: &[&str] = &["password", "sentinel_password"];
+
+fn mask_one(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
@@ -227,13 +235,27 @@ pub fn mask_url(url: &str) -> String {
         Some(i) => rest.split_at(i),
         None => (rest, ""),
     };
-    match authority.rsplit_once('@') {
+    let authority = match authority.rsplit_once('@') {
         Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:****@{host}{tail}"),
-            None => url.to_owned(),
+            Some((user, _)) => format!("{user}:****@{host}"),
+            None => authority.to_owned(),
         },
-        None => url.to_owned(),
-    }
+        None => authority.to_owned(),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let query: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((k, _)) if SECRET_OPTIONS.contains(&k) => format!("{k}=****"),
+                    _ => pair.to_owned(),
+                })
+                .collect();
+            format!("{path}?{}", query.join("&"))
+        }
+        None => tail.to_owned(),
+    };
+    format!("{scheme}://{authority}{tail}")
 }
 
 #[cfg(test)]
@@ -251,5 +273,13 @@ mod tests {
         assert_eq!(mask_url("memory://"), "memory://");
         assert_eq!(mask_url("redis://:pw@h:1/0"), "redis://:****@h:1/0");
         assert_eq!(mask_url("no scheme"), "no scheme");
+        assert_eq!(
+            mask_url("sentinel://:a@h1:26379;sentinel://:b@h2:26380/0?master_name=m&sentinel_password=c"),
+            "sentinel://:****@h1:26379;sentinel://:****@h2:26380/0?master_name=m&sentinel_password=****"
+        );
+        assert_eq!(
+            mask_url("amqp://u:p@h1//;amqp://u:q@h2//"),
+            "amqp://u:****@h1//;amqp://u:****@h2//"
+        );
     }
 }

@@ -39,7 +39,7 @@
 //!   `mandatory`, `delivery_mode` 2 (persistent), and `content_type`
 //!   `application/python-pickle` (`Master`) or `application/json` (`JsonMaster`). The body is
 //!   the keyword arguments. aio-pika only logs a returned (unroutable) task; kelp puts the
-//!   channel in confirm mode and returns [`Error::Returned`](crate::Error::Returned).
+//!   channel in confirm mode and returns [`Error::Returned`].
 //! * **A worker** decodes the body; a falsy payload (`None`, `{}`, `[]`, `0`, `""`, `False`)
 //!   counts as `{}` (aio-pika's `kwargs or {}`); anything else that is not a dict is rejected
 //!   without requeue. Then it calls the function with the keyword arguments, inside
@@ -133,7 +133,7 @@ pub struct MasterOptions {
     /// Never requeue a failed task that was already redelivered (default false).
     pub reject_on_redelivered: bool,
     /// Put the channel in confirm mode before the first task, so a task no queue takes is an
-    /// [`Error::Returned`](crate::Error::Returned) (default true).
+    /// [`Error::Returned`] (default true).
     pub confirm: bool,
 }
 
@@ -276,7 +276,7 @@ impl Master {
 
     /// Publish a task for the workers of `name` with keyword arguments `kwargs` (aio-pika's
     /// `await master.create_task(name, kwargs)`): persistent, mandatory, to the default
-    /// exchange. A task no queue takes is an [`Error::Returned`](crate::Error::Returned)
+    /// exchange. A task no queue takes is an [`Error::Returned`]
     /// (with [`MasterOptions::confirm`], the default).
     ///
     /// ```no_run

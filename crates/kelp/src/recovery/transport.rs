@@ -18,13 +18,29 @@ use crate::connection::ConnectOptions;
 use crate::error::{mask_url, Error};
 use crate::transport::{self, BoxFuture, Transport, TransportChannel};
 
-/// Split a failover URL list: `amqp://h1;amqp://h2` (Kombu's form).
+/// Split a failover URL list: `amqp://h1;amqp://h2` (Kombu's form). Consecutive
+/// `sentinel://` URLs stay together as one URL: Kombu's `sentinel://h1:26379;sentinel://h2:26379`
+/// is one connection that asks either sentinel for the master, not two brokers to fail over
+/// between.
 pub(crate) fn split_urls(url: &str) -> Vec<String> {
-    url.split(';')
-        .map(str::trim)
-        .filter(|u| !u.is_empty())
-        .map(str::to_owned)
-        .collect()
+    let is_sentinel = |u: &str| {
+        u.split_once("://")
+            .is_some_and(|(scheme, _)| scheme.eq_ignore_ascii_case("sentinel"))
+    };
+    let mut out: Vec<String> = Vec::new();
+    let mut last_was_sentinel = false;
+    for u in url.split(';').map(str::trim).filter(|u| !u.is_empty()) {
+        let sentinel = is_sentinel(u);
+        match out.last_mut() {
+            Some(prev) if sentinel && last_was_sentinel => {
+                prev.push(';');
+                prev.push_str(u);
+            }
+            _ => out.push(u.to_owned()),
+        }
+        last_was_sentinel = sentinel;
+    }
+    out
 }
 
 /// The first connect: each URL once, in order; then, unless `fail_fast`, again with the
@@ -575,5 +591,36 @@ impl Transport for RobustTransport {
             Link::Up { transport, .. } => transport.blocked(),
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_urls;
+
+    #[test]
+    fn failover_lists_split_but_sentinel_lists_stay_one_url() {
+        assert_eq!(
+            split_urls("amqp://h1; amqp://h2;;"),
+            vec!["amqp://h1", "amqp://h2"]
+        );
+        // Kombu's form: one connection over several sentinels.
+        assert_eq!(
+            split_urls("sentinel://:pw@h1:26379;sentinel://h2:26380/0?master_name=m"),
+            vec!["sentinel://:pw@h1:26379;sentinel://h2:26380/0?master_name=m"]
+        );
+        assert_eq!(
+            split_urls("redis://a/0;SENTINEL://s1;sentinel://s2?master_name=m;redis://b/0"),
+            vec![
+                "redis://a/0",
+                "SENTINEL://s1;sentinel://s2?master_name=m",
+                "redis://b/0"
+            ]
+        );
+        assert_eq!(
+            split_urls("sentinel://s1?master_name=m"),
+            vec!["sentinel://s1?master_name=m"]
+        );
+        assert!(split_urls("").is_empty());
     }
 }

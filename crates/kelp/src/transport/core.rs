@@ -264,7 +264,7 @@ pub async fn open(
         )),
         "memory" => Ok(Arc::new(super::memory::MemoryTransport::open(url)?)),
         "sqlite" => Ok(Arc::new(super::sqlite::SqliteTransport::open(url).await?)),
-        "redis" => Ok(Arc::new(
+        "redis" | "rediss" | "sentinel" => Ok(Arc::new(
             super::redis::RedisTransport::connect(url, options).await?,
         )),
         _ => Err(Error::UnknownTransport {

@@ -136,7 +136,7 @@ pub struct MemoryTransport {
     shared: Arc<Shared>,
     owner: OwnerId,
     closed: AtomicBool,
-    /// Flips to true on close, for [`Transport::closed`] waiters.
+    /// Flips to true on close, for `Transport::close_signal` waiters.
     closed_watch: tokio::sync::watch::Sender<bool>,
 }
 
