@@ -24,8 +24,9 @@
 //! not declare an exchange routes by the stored bindings (a binding with a pattern is a topic
 //! binding). There are no headers exchanges, exchange-to-exchange bindings, TTLs or
 //! dead-lettering on Redis (Kombu has none either): those calls return
-//! [`Error::NotSupported`](crate::Error::NotSupported).
+//! [`Error::NotSupported`].
 
+mod acks;
 mod connect;
 pub mod envelope;
 pub mod keys;
@@ -99,6 +100,80 @@ struct Shared {
     channels: Mutex<Vec<Weak<RedisChannel>>>,
     closed: watch::Sender<Option<Error>>,
     next_channel: AtomicU64,
+    /// Acks (and rejects) waiting to be written, coalesced.
+    acks: acks::AckQueue,
+}
+
+/// The most messages one take ([`TAKE_READY`]) moves, whatever the prefetch window.
+const TAKE_MAX: usize = 256;
+
+/// Take up to `ARGV[1]` waiting messages in one atomic step: lists in `KEYS[3..]`, grouped
+/// by priority step (`ARGV[4]` queues per group, highest precedence first), served round
+/// robin within a group as Kombu's rotating `BRPOP` serves them. With `ARGV[3] == "1"` each
+/// message that is a JSON document is recorded in `unacked` (`KEYS[1]`, as
+/// `[envelope, exchange, routing_key]`) and `unacked_index` (`KEYS[2]`, scored `ARGV[2]`)
+/// under its Kombu delivery tag, so no message is ever out of Redis's sight. Returns
+/// `key, entry, tag` triples; the tag is empty where nothing was recorded (not JSON, or no
+/// printable delivery tag), and the caller records those itself.
+const TAKE_READY: &str = r#"
+local max = tonumber(ARGV[1])
+local track = ARGV[3] == '1'
+local nq = tonumber(ARGV[4])
+local out = {}
+local n = 0
+local groups = (#KEYS - 2) / nq
+for g = 0, groups - 1 do
+  local live = {}
+  for i = 0, nq - 1 do live[#live + 1] = KEYS[3 + g * nq + i] end
+  while n < max and #live > 0 do
+    local still = {}
+    for _, key in ipairs(live) do
+      if n >= max then break end
+      local raw = redis.call('RPOP', key)
+      if raw then
+        n = n + 1
+        local tag = ''
+        if track then
+          local ok, m = pcall(cjson.decode, raw)
+          if ok and type(m) == 'table' and type(m.properties) == 'table' then
+            local p = m.properties
+            local ex, rk = '', ''
+            if type(p.delivery_tag) == 'string' and p.delivery_tag ~= ''
+                and not string.find(p.delivery_tag, '[^\32-\126]') then
+              tag = p.delivery_tag
+            end
+            local di = p.delivery_info
+            if type(di) == 'table' then
+              if type(di.exchange) == 'string' then ex = di.exchange end
+              if type(di.routing_key) == 'string' then rk = di.routing_key end
+            end
+            if tag ~= '' then
+              redis.call('ZADD', KEYS[2], ARGV[2], tag)
+              redis.call('HSET', KEYS[1], tag,
+                '[' .. raw .. ', ' .. cjson.encode(ex) .. ', ' .. cjson.encode(rk) .. ']')
+            end
+          end
+        end
+        out[#out + 1] = key
+        out[#out + 1] = raw
+        out[#out + 1] = tag
+        still[#still + 1] = key
+      end
+    end
+    live = still
+  end
+end
+return out
+"#;
+
+/// A message taken off one of a queue's lists.
+#[derive(Debug)]
+struct Taken {
+    /// The list it came from.
+    key: String,
+    raw: Bytes,
+    /// Its Kombu delivery tag, if the take already recorded it in `unacked`.
+    recorded: Option<String>,
 }
 
 impl Shared {
@@ -171,7 +246,7 @@ impl Shared {
         let unacked = self.opts.key("unacked");
         let index = self.opts.key("unacked_index");
         let mut conn = self.conn();
-        let entry: Option<String> = redis::cmd("HGET")
+        let entry: Option<Vec<u8>> = redis::cmd("HGET")
             .arg(&unacked)
             .arg(tag)
             .query_async(&mut conn)
@@ -184,7 +259,7 @@ impl Shared {
         let mut restored = false;
         if let Some(entry) = entry {
             if let Ok(serde_json::Value::Array(parts)) =
-                serde_json::from_str::<serde_json::Value>(&entry)
+                serde_json::from_slice::<serde_json::Value>(&entry)
             {
                 let envelope = parts.first().map(|v| v.to_string()).unwrap_or_default();
                 let exchange = parts.get(1).and_then(|v| v.as_str()).unwrap_or("");
@@ -281,7 +356,13 @@ impl RedisTransport {
     ) -> Result<Self, Error> {
         let opts = RedisOptions::parse(url)?;
         let (client, conn) = connect::open(url, &opts, options).await?;
-        let shared = Arc::new(Shared {
+        let shared = Arc::new_cyclic(|me: &Weak<Shared>| Shared {
+            acks: acks::AckQueue::start(
+                me.clone(),
+                conn.clone(),
+                opts.key("unacked_index"),
+                opts.key("unacked"),
+            ),
             opts,
             client,
             conn,
@@ -397,6 +478,13 @@ struct ConsumerEntry {
     tx: mpsc::Sender<Result<RawDelivery, Error>>,
 }
 
+/// How many messages the prefetch window must have room for before the consumer loop
+/// takes more: a quarter of it, so a window emptied one ack at a time is refilled in batches
+/// rather than a message per round trip.
+fn low_water(prefetch: u16) -> usize {
+    (usize::from(prefetch) / 4).max(1)
+}
+
 #[derive(Debug, Default)]
 struct ChanState {
     next_tag: u64,
@@ -465,6 +553,21 @@ fn queue_of_key(opts: &RedisOptions, key: &str) -> String {
     }
 }
 
+impl ChanState {
+    /// How many messages the consumer loop may take now (0 below the low-water mark).
+    fn room(&self) -> usize {
+        if self.prefetch == 0 {
+            return TAKE_MAX;
+        }
+        let room = usize::from(self.prefetch).saturating_sub(self.unacked.len());
+        if room < low_water(self.prefetch) {
+            0
+        } else {
+            room.min(TAKE_MAX)
+        }
+    }
+}
+
 impl RedisChannel {
     fn new(shared: Arc<Shared>, id: u64) -> Arc<RedisChannel> {
         let (returns_tx, returns_rx) = mpsc::unbounded_channel();
@@ -493,64 +596,155 @@ impl RedisChannel {
         Ok(())
     }
 
-    /// Record a delivery as unacked (in Redis and here) and give it a channel tag.
+    /// Record a delivery as unacked in Redis; returns its Kombu delivery tag.
+    async fn record_unacked(
+        &self,
+        raw: &[u8],
+        decoded: &Result<envelope::Decoded, envelope::EnvelopeError>,
+    ) -> Result<String, Error> {
+        let (kombu_tag, ex, rk) = match decoded {
+            Ok(d) if !d.tag.is_empty() => {
+                (d.tag.clone(), d.exchange.clone(), d.routing_key.clone())
+            }
+            Ok(d) => (envelope::uuid4(), d.exchange.clone(), d.routing_key.clone()),
+            Err(_) => (envelope::uuid4(), String::new(), String::new()),
+        };
+        // `[envelope, exchange, routing_key]`, the envelope as JSON (a string if the entry was
+        // not JSON, so nothing is lost).
+        let text = String::from_utf8_lossy(raw);
+        let first = if serde_json::from_slice::<serde::de::IgnoredAny>(raw).is_ok() {
+            text.into_owned()
+        } else {
+            serde_json::Value::String(text.into_owned()).to_string()
+        };
+        let entry = format!(
+            "[{first}, {}, {}]",
+            serde_json::Value::String(ex),
+            serde_json::Value::String(rk)
+        );
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZADD")
+            .arg(self.shared.opts.key("unacked_index"))
+            .arg(now_secs())
+            .arg(&kombu_tag)
+            .ignore();
+        pipe.cmd("HSET")
+            .arg(self.shared.opts.key("unacked"))
+            .arg(&kombu_tag)
+            .arg(entry)
+            .ignore();
+        pipe.query_async::<()>(&mut self.shared.conn())
+            .await
+            .map_err(rerr("recording an unacked message"))?;
+        Ok(kombu_tag)
+    }
+
+    /// Give a taken message a channel tag, recording it as unacked (in Redis, unless the take
+    /// did, and here) for a consumer that acknowledges.
     async fn track(
         &self,
-        raw: &str,
+        taken: &Taken,
         decoded: &Result<envelope::Decoded, envelope::EnvelopeError>,
         no_ack: bool,
     ) -> Result<u64, Error> {
-        let kombu_tag = match decoded {
-            Ok(d) if !d.tag.is_empty() => d.tag.clone(),
-            _ => envelope::uuid4(),
+        let kombu_tag = match (&taken.recorded, no_ack) {
+            (Some(t), true) => {
+                // Recorded for an acknowledging consumer that has gone since: forget it.
+                self.shared.acks.remove(t.clone()).await?;
+                None
+            }
+            (Some(t), false) => Some(t.clone()),
+            (None, true) => None,
+            (None, false) => Some(self.record_unacked(&taken.raw, decoded).await?),
         };
-        if !no_ack {
-            let (ex, rk) = match decoded {
-                Ok(d) => (d.exchange.clone(), d.routing_key.clone()),
-                Err(_) => (String::new(), String::new()),
-            };
-            // `[envelope, exchange, routing_key]`, the envelope as JSON (a string if the
-            // entry was not JSON, so nothing is lost).
-            let first = if serde_json::from_str::<serde_json::Value>(raw).is_ok() {
-                raw.to_owned()
-            } else {
-                serde_json::Value::String(raw.to_owned()).to_string()
-            };
-            let entry = format!(
-                "[{first}, {}, {}]",
-                serde_json::Value::String(ex),
-                serde_json::Value::String(rk)
-            );
-            let mut pipe = redis::pipe();
-            pipe.cmd("ZADD")
-                .arg(self.shared.opts.key("unacked_index"))
-                .arg(now_secs())
-                .arg(&kombu_tag)
-                .ignore();
-            pipe.cmd("HSET")
-                .arg(self.shared.opts.key("unacked"))
-                .arg(&kombu_tag)
-                .arg(entry)
-                .ignore();
-            pipe.query_async::<()>(&mut self.shared.conn())
-                .await
-                .map_err(rerr("recording an unacked message"))?;
-        }
         let mut st = self
             .state
             .lock()
             .map_err(|_| Error::Closed { what: "channel" })?;
         st.next_tag += 1;
         let tag = st.next_tag;
-        if !no_ack {
-            st.unacked.insert(tag, Pending { tag: kombu_tag });
+        if let Some(k) = kombu_tag {
+            st.unacked.insert(tag, Pending { tag: k });
         }
         Ok(tag)
     }
 
+    /// Put a taken message back at the consuming end of its list (and out of `unacked` if the
+    /// take recorded it there), in one step.
+    async fn put_back(&self, taken: &Taken) {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        pipe.cmd("RPUSH")
+            .arg(&taken.key)
+            .arg(&taken.raw[..])
+            .ignore();
+        if let Some(tag) = &taken.recorded {
+            pipe.cmd("ZREM")
+                .arg(self.shared.opts.key("unacked_index"))
+                .arg(tag)
+                .ignore();
+            pipe.cmd("HDEL")
+                .arg(self.shared.opts.key("unacked"))
+                .arg(tag)
+                .ignore();
+        }
+        if let Err(e) = pipe.query_async::<()>(&mut self.shared.conn()).await {
+            tracing::warn!(error = %e, list = %taken.key, "could not put a message back");
+        }
+    }
+
+    /// What the consumer loop takes next: the queue rotation, how many messages the prefetch
+    /// window has room for, and whether any consumer acknowledges.
+    fn plan(&self) -> (Vec<String>, usize, bool) {
+        self.state
+            .lock()
+            .map(|s| {
+                let room = s.room();
+                let track = s.consumers.iter().any(|(_, c)| !c.no_ack);
+                (s.cycle.iter().cloned().collect(), room, track)
+            })
+            .unwrap_or_default()
+    }
+
+    /// Take what is waiting, up to `max` messages, with [`TAKE_READY`] (one round trip).
+    async fn take_ready(
+        &self,
+        conn: &mut MultiplexedConnection,
+        queues: &[String],
+        max: usize,
+        track: bool,
+    ) -> Result<Vec<Taken>, redis::RedisError> {
+        let opts = &self.shared.opts;
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(TAKE_READY)
+            .arg(2 + opts.priority_steps.len() * queues.len())
+            .arg(opts.key("unacked"))
+            .arg(opts.key("unacked_index"));
+        for step in &opts.priority_steps {
+            for q in queues {
+                cmd.arg(opts.queue_key(q, *step));
+            }
+        }
+        cmd.arg(max)
+            .arg(now_secs())
+            .arg(if track { "1" } else { "0" })
+            .arg(queues.len());
+        let flat: Vec<Vec<u8>> = cmd.query_async(conn).await?;
+        let mut out = Vec::with_capacity(flat.len() / 3);
+        let mut it = flat.into_iter();
+        while let (Some(key), Some(raw), Some(tag)) = (it.next(), it.next(), it.next()) {
+            out.push(Taken {
+                key: String::from_utf8_lossy(&key).into_owned(),
+                raw: Bytes::from(raw),
+                recorded: String::from_utf8(tag).ok().filter(|t| !t.is_empty()),
+            });
+        }
+        Ok(out)
+    }
+
     fn delivery(
         tag: u64,
-        raw: &str,
+        raw: &Bytes,
         decoded: Result<envelope::Decoded, envelope::EnvelopeError>,
         consumer_tag: &str,
         queue: &str,
@@ -582,38 +776,62 @@ impl RedisChannel {
                         headers: Some(headers),
                         ..Default::default()
                     },
-                    body: Bytes::from(raw.to_owned()),
+                    body: raw.clone(),
                 }
             }
         }
     }
 
-    fn has_credit(&self) -> bool {
-        self.state
-            .lock()
-            .map(|s| s.prefetch == 0 || s.unacked.len() < usize::from(s.prefetch))
-            .unwrap_or(false)
-    }
-
-    /// The consumer loop: BRPOP over the consumed queues, hand each message to its consumer.
+    /// The consumer loop: take what is waiting (up to the prefetch window, in one round trip,
+    /// recorded as unacked atomically); when nothing is, wait with `BRPOP` over the consumed
+    /// queues; hand each message to its consumer.
     async fn pump(weak: Weak<RedisChannel>, mut conn: MultiplexedConnection) {
+        // Off when the server refuses scripts (`EVAL` disabled or denied): BRPOP alone then.
+        let mut scripts = true;
         loop {
             let Some(ch) = weak.upgrade() else { return };
             if ch.closed.load(Ordering::Acquire) || ch.shared.is_closed() {
                 return;
             }
-            let queues: Vec<String> = ch
-                .state
-                .lock()
-                .map(|s| s.cycle.iter().cloned().collect())
-                .unwrap_or_default();
-            if queues.is_empty() || !ch.has_credit() {
+            let (queues, room, track) = ch.plan();
+            if queues.is_empty() || room == 0 {
                 let notified = ch.wake.notified();
-                if queues.is_empty() || !ch.has_credit() {
+                let (queues, room, _) = ch.plan();
+                if queues.is_empty() || room == 0 {
                     // Re-check now and then even without a wake-up (a dropped channel).
                     let _ = tokio::time::timeout(Duration::from_secs(1), notified).await;
                 }
                 continue;
+            }
+            if scripts {
+                match ch.take_ready(&mut conn, &queues, room, track).await {
+                    Ok(batch) if !batch.is_empty() => {
+                        // Decode the whole batch first, then hand it over in one burst: the
+                        // consumer wakes once and finds the messages waiting, instead of
+                        // being woken (a thread wake-up) for each one.
+                        let decoded: Vec<_> = batch
+                            .into_iter()
+                            .map(|t| {
+                                let d = envelope::decode(&t.raw);
+                                (t, d)
+                            })
+                            .collect();
+                        for (taken, d) in decoded {
+                            ch.dispatch_decoded(taken, d).await;
+                        }
+                        continue;
+                    }
+                    Ok(_) => {}
+                    Err(e) if e.is_io_error() || e.is_connection_dropped() => {
+                        let err = ch.shared.note(rerr("taking messages")(e));
+                        ch.fail_consumers(err);
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "Redis refuses the take script: BRPOP only");
+                        scripts = false;
+                    }
+                }
             }
             let opts = &ch.shared.opts;
             let mut cmd = redis::cmd("BRPOP");
@@ -625,7 +843,7 @@ impl RedisChannel {
             cmd.arg(opts.brpop_timeout.as_secs_f64().max(0.01));
             let weak2 = Arc::downgrade(&ch);
             drop(ch);
-            let got: Result<Option<(String, String)>, _> = cmd.query_async(&mut conn).await;
+            let got: Result<Option<(String, Vec<u8>)>, _> = cmd.query_async(&mut conn).await;
             let Some(ch) = weak2.upgrade() else {
                 // The channel went while we waited: put the message back where it was.
                 if let Ok(Some((key, raw))) = got {
@@ -648,8 +866,12 @@ impl RedisChannel {
                     return;
                 }
                 Ok(Some((key, raw))) => {
-                    let queue = queue_of_key(&ch.shared.opts, &key);
-                    ch.dispatch(&queue, raw).await;
+                    ch.dispatch(Taken {
+                        key,
+                        raw: Bytes::from(raw),
+                        recorded: None,
+                    })
+                    .await;
                 }
                 Err(e) => {
                     let err = rerr("waiting for messages")(e);
@@ -665,13 +887,24 @@ impl RedisChannel {
         }
     }
 
-    /// Give a message from `queue` to one of its consumers (rotating the queue cycle).
-    async fn dispatch(&self, queue: &str, raw: String) {
+    /// Give a taken message to one of its queue's consumers (rotating the queue cycle).
+    async fn dispatch(&self, taken: Taken) {
+        let decoded = envelope::decode(&taken.raw);
+        self.dispatch_decoded(taken, decoded).await;
+    }
+
+    /// [`dispatch`](Self::dispatch) with the entry already decoded.
+    async fn dispatch_decoded(
+        &self,
+        taken: Taken,
+        decoded: Result<envelope::Decoded, envelope::EnvelopeError>,
+    ) {
+        let queue = queue_of_key(&self.shared.opts, &taken.key);
         let picked = {
             let Ok(mut st) = self.state.lock() else {
                 return;
             };
-            if let Some(i) = st.cycle.iter().position(|q| q == queue) {
+            if let Some(i) = st.cycle.iter().position(|q| *q == queue) {
                 if let Some(q) = st.cycle.remove(i) {
                     st.cycle.push_back(q);
                 }
@@ -693,30 +926,26 @@ impl RedisChannel {
         };
         let Some((ctag, no_ack, tx)) = picked else {
             // Nobody consumes it any more: back to the consuming end.
-            let _: Result<(), _> = redis::cmd("RPUSH")
-                .arg(self.shared.opts.key(queue))
-                .arg(&raw)
-                .query_async(&mut self.shared.conn())
-                .await;
+            self.put_back(&taken).await;
             return;
         };
-        let decoded = envelope::decode(raw.as_bytes());
-        let tag = match self.track(&raw, &decoded, no_ack).await {
+        let tag = match self.track(&taken, &decoded, no_ack).await {
             Ok(t) => t,
             Err(e) => {
+                self.put_back(&taken).await;
                 let _ = tx.send(Err(e)).await;
                 return;
             }
         };
-        let d = Self::delivery(tag, &raw, decoded, &ctag, queue);
+        let d = Self::delivery(tag, &taken.raw, decoded, &ctag, &queue);
         if tx.send(Ok(d)).await.is_err() {
             // The consumer's stream is gone: its message goes back, and so does it.
             if no_ack {
-                let _: Result<(), _> = redis::cmd("RPUSH")
-                    .arg(self.shared.opts.key(queue))
-                    .arg(&raw)
-                    .query_async(&mut self.shared.conn())
-                    .await;
+                self.put_back(&Taken {
+                    recorded: None,
+                    ..taken
+                })
+                .await;
             } else {
                 let _ = self.settle(tag, false, Some(true)).await;
             }
@@ -816,13 +1045,19 @@ impl RedisChannel {
             while let Some(msg) = stream.next().await {
                 let Some(ch) = weak.upgrade() else { return };
                 let pattern: String = msg.get_pattern().unwrap_or_default();
-                let Ok(payload) = msg.get_payload::<String>() else {
+                let Ok(payload) = msg.get_payload::<Vec<u8>>() else {
                     continue;
                 };
+                let payload = Bytes::from(payload);
                 let _ = prefix_len;
                 for (p, q) in &patterns {
                     if *p == pattern {
-                        ch.dispatch(q, payload.clone()).await;
+                        ch.dispatch(Taken {
+                            key: ch.shared.opts.key(q),
+                            raw: payload.clone(),
+                            recorded: None,
+                        })
+                        .await;
                     }
                 }
             }
@@ -836,7 +1071,8 @@ impl RedisChannel {
                 .state
                 .lock()
                 .map_err(|_| Error::Closed { what: "channel" })?;
-            if multiple {
+            let before = st.room();
+            let pending = if multiple {
                 let rest = st.unacked.split_off(&(tag + 1));
                 let taken = std::mem::replace(&mut st.unacked, rest);
                 taken.into_values().collect()
@@ -845,9 +1081,13 @@ impl RedisChannel {
                     Some(p) => vec![p],
                     None => return Err(Error::Broker(BrokerError::UnknownDeliveryTag { tag })),
                 }
+            };
+            // The consumer loop waits only while there is no room: wake it when there is.
+            if before == 0 && st.room() > 0 {
+                self.wake.notify_waiters();
             }
+            pending
         };
-        self.wake.notify_waiters();
         match requeue {
             Some(true) => {
                 for p in &pending {
@@ -855,23 +1095,10 @@ impl RedisChannel {
                 }
             }
             _ => {
-                if pending.is_empty() {
-                    return Ok(());
+                // Written in the background, coalesced with other acks ([`acks`]).
+                for p in pending {
+                    self.shared.acks.remove(p.tag).await?;
                 }
-                let mut pipe = redis::pipe();
-                for p in &pending {
-                    pipe.cmd("ZREM")
-                        .arg(self.shared.opts.key("unacked_index"))
-                        .arg(&p.tag)
-                        .ignore();
-                    pipe.cmd("HDEL")
-                        .arg(self.shared.opts.key("unacked"))
-                        .arg(&p.tag)
-                        .ignore();
-                }
-                pipe.query_async::<()>(&mut self.shared.conn())
-                    .await
-                    .map_err(|e| self.shared.note(rerr("acknowledging")(e)))?;
             }
         }
         Ok(())
@@ -1311,15 +1538,26 @@ impl TransportChannel for RedisChannel {
             self.check_open()?;
             let mut conn = self.shared.conn();
             for k in self.shared.opts.queue_keys(queue) {
-                let item: Option<String> = redis::cmd("RPOP")
+                let item: Option<Vec<u8>> = redis::cmd("RPOP")
                     .arg(&k)
                     .query_async(&mut conn)
                     .await
                     .map_err(|e| self.shared.note(rerr("getting a message")(e)))?;
                 if let Some(raw) = item {
-                    let decoded = envelope::decode(raw.as_bytes());
-                    let tag = self.track(&raw, &decoded, no_ack).await?;
-                    return Ok(Some(Self::delivery(tag, &raw, decoded, "", queue)));
+                    let taken = Taken {
+                        key: k,
+                        raw: Bytes::from(raw),
+                        recorded: None,
+                    };
+                    let decoded = envelope::decode(&taken.raw);
+                    let tag = match self.track(&taken, &decoded, no_ack).await {
+                        Ok(t) => t,
+                        Err(e) => {
+                            self.put_back(&taken).await;
+                            return Err(e);
+                        }
+                    };
+                    return Ok(Some(Self::delivery(tag, &taken.raw, decoded, "", queue)));
                 }
             }
             Ok(None)
@@ -1465,6 +1703,8 @@ impl TransportChannel for RedisChannel {
             for t in tags {
                 self.shared.restore_by_tag(&t, false).await?;
             }
+            // What was acked is written before the close returns.
+            self.shared.acks.flush().await;
             Ok(())
         })
     }
