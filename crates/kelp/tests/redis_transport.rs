@@ -360,3 +360,73 @@ async fn bad_urls_are_typed_errors() {
     }
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+/// Entries the batched take cannot record itself (not UTF-8, not JSON) and entries it does
+/// record (a Kombu envelope with a delivery tag but a body that is not base64) both reach the
+/// consumer as undecodable deliveries, and both stay in `unacked` under a tag until rejected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_entries_taken_in_a_batch_are_kept_until_rejected() {
+    let Some(url) = url("redis::bad_batch", "") else {
+        return;
+    };
+    let q = common::unique("badbatch");
+    let tag = format!("tag-{q}");
+    let not_utf8: Vec<u8> = b"\xff\xfe{not json".to_vec();
+    let bad_body = format!(
+        r#"{{"body": "!!not base64", "content-encoding": "utf-8", "content-type": "text/plain", "headers": {{}}, "properties": {{"delivery_mode": 2, "delivery_info": {{"exchange": "", "routing_key": "{q}"}}, "priority": 0, "body_encoding": "base64", "delivery_tag": "{tag}"}}}}"#
+    );
+    let mut r = raw().await;
+    // Both are waiting before the consumer starts, so one take moves both.
+    let _: () = r.lpush(&q, &not_utf8).await.unwrap();
+    let _: () = r.lpush(&q, &bad_body).await.unwrap();
+    let conn = Connection::open(&url).await.unwrap();
+    let ch = conn.channel().await.unwrap();
+    let mut c = Consumer::builder(&ch)
+        .queue(Queue::new(&q).no_declare(true))
+        .prefetch_count(10)
+        .build()
+        .await
+        .unwrap();
+    let mut first = common::within("first", c.next()).await.unwrap().unwrap();
+    let mut second = common::within("second", c.next()).await.unwrap().unwrap();
+    for m in [&first, &second] {
+        let headers = m.headers().cloned().unwrap_or_default();
+        assert!(
+            headers.get("x-kelp-envelope-error").is_some(),
+            "marked undecodable"
+        );
+    }
+    assert_eq!(
+        first.body().as_ref(),
+        &not_utf8[..],
+        "the raw bytes, served first"
+    );
+    assert_eq!(second.body().as_ref(), bad_body.as_bytes());
+    let unacked: std::collections::HashMap<String, Vec<u8>> = r.hgetall("unacked").await.unwrap();
+    assert!(
+        unacked.contains_key(&tag),
+        "the envelope is recorded under its own delivery tag"
+    );
+    let mine = |all: &std::collections::HashMap<String, Vec<u8>>| {
+        all.iter()
+            .filter(|(k, v)| **k == tag || String::from_utf8_lossy(v).contains("{not json"))
+            .count()
+    };
+    assert_eq!(mine(&unacked), 2, "both kept in unacked");
+    first.reject(false).await.unwrap();
+    second.reject(false).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let all: std::collections::HashMap<String, Vec<u8>> = r.hgetall("unacked").await.unwrap();
+        if mine(&all) == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "rejecting removes both from unacked"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let left: u64 = r.llen(&q).await.unwrap();
+    assert_eq!(left, 0);
+}
