@@ -430,3 +430,66 @@ async fn bad_entries_taken_in_a_batch_are_kept_until_rejected() {
     let left: u64 = r.llen(&q).await.unwrap();
     assert_eq!(left, 0);
 }
+
+/// Publishing to a named exchange matches bindings inside Redis (one round trip): the Lua
+/// topic match agrees with kelp's own Kombu-regex matcher on awkward keys, for an exchange
+/// declared here (`topic`) and one only another process declared (`auto`: a binding with a
+/// pattern is a topic binding).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn named_exchange_routing_in_redis_matches_kombus_topic_rules() {
+    use kelp::transport::redis::keys::topic_matches;
+    let Some(url) = url("redis::topic_lua", "") else {
+        return;
+    };
+    let bindings = [
+        "#", "a.#", "#.a", "*.b", "a.*.c", "a..b", "a*b", "a-b.c_d", "ü.*", "%.x", "a.#.c", "(x)",
+        "a.b", "[a].$",
+    ];
+    let keys = [
+        "a", "a.b", "a.x.c", "a..b", "a*b", "axb", "a-b.c_d", "ü.z", "%.x", "b.a", "a.b.c", "a.c",
+        "(x)", "x", "[a].$", "q.b", "",
+    ];
+    let mut r = raw().await;
+    for declared in [true, false] {
+        let conn = Connection::open(&url).await.unwrap();
+        let ch = conn.channel().await.unwrap();
+        let ex = common::unique("topic-lua");
+        let queues: Vec<String> = (0..bindings.len())
+            .map(|i| common::unique(&format!("topic-lua-{i}")))
+            .collect();
+        ch.declare_exchange(Exchange::topic(&ex)).await.unwrap();
+        for (q, b) in queues.iter().zip(bindings) {
+            ch.declare_queue(Queue::new(q).exchange(Exchange::topic(&ex)).routing_key(b))
+                .await
+                .unwrap();
+        }
+        // A second connection that never declared the exchange routes by the stored bindings.
+        let pconn = if declared {
+            conn.clone()
+        } else {
+            Connection::open(&url).await.unwrap()
+        };
+        let pch = pconn.channel().await.unwrap();
+        let p = Producer::new(&pch).exchange(Exchange::topic(&ex).no_declare(true));
+        for key in keys {
+            p.publish(key, PublishOptions::default().routing_key(key))
+                .await
+                .unwrap();
+            for (q, b) in queues.iter().zip(bindings) {
+                let n: u64 = r.llen(q).await.unwrap();
+                assert_eq!(
+                    n == 1,
+                    topic_matches(b, key),
+                    "binding {b:?}, routing key {key:?} (exchange declared here: {declared})"
+                );
+                if n > 0 {
+                    let _: () = r.del(q).await.unwrap();
+                }
+            }
+        }
+        for q in &queues {
+            ch.raw().queue_delete(q, false, false).await.unwrap();
+        }
+        ch.raw().exchange_delete(&ex, false).await.unwrap();
+    }
+}

@@ -30,6 +30,7 @@ mod acks;
 mod connect;
 pub mod envelope;
 pub mod keys;
+mod scripts;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -104,67 +105,8 @@ struct Shared {
     acks: acks::AckQueue,
 }
 
-/// The most messages one take ([`TAKE_READY`]) moves, whatever the prefetch window.
+/// The most messages one take ([`scripts`]) moves, whatever the prefetch window.
 const TAKE_MAX: usize = 256;
-
-/// Take up to `ARGV[1]` waiting messages in one atomic step: lists in `KEYS[3..]`, grouped
-/// by priority step (`ARGV[4]` queues per group, highest precedence first), served round
-/// robin within a group as Kombu's rotating `BRPOP` serves them. With `ARGV[3] == "1"` each
-/// message that is a JSON document is recorded in `unacked` (`KEYS[1]`, as
-/// `[envelope, exchange, routing_key]`) and `unacked_index` (`KEYS[2]`, scored `ARGV[2]`)
-/// under its Kombu delivery tag, so no message is ever out of Redis's sight. Returns
-/// `key, entry, tag` triples; the tag is empty where nothing was recorded (not JSON, or no
-/// printable delivery tag), and the caller records those itself.
-const TAKE_READY: &str = r#"
-local max = tonumber(ARGV[1])
-local track = ARGV[3] == '1'
-local nq = tonumber(ARGV[4])
-local out = {}
-local n = 0
-local groups = (#KEYS - 2) / nq
-for g = 0, groups - 1 do
-  local live = {}
-  for i = 0, nq - 1 do live[#live + 1] = KEYS[3 + g * nq + i] end
-  while n < max and #live > 0 do
-    local still = {}
-    for _, key in ipairs(live) do
-      if n >= max then break end
-      local raw = redis.call('RPOP', key)
-      if raw then
-        n = n + 1
-        local tag = ''
-        if track then
-          local ok, m = pcall(cjson.decode, raw)
-          if ok and type(m) == 'table' and type(m.properties) == 'table' then
-            local p = m.properties
-            local ex, rk = '', ''
-            if type(p.delivery_tag) == 'string' and p.delivery_tag ~= ''
-                and not string.find(p.delivery_tag, '[^\32-\126]') then
-              tag = p.delivery_tag
-            end
-            local di = p.delivery_info
-            if type(di) == 'table' then
-              if type(di.exchange) == 'string' then ex = di.exchange end
-              if type(di.routing_key) == 'string' then rk = di.routing_key end
-            end
-            if tag ~= '' then
-              redis.call('ZADD', KEYS[2], ARGV[2], tag)
-              redis.call('HSET', KEYS[1], tag,
-                '[' .. raw .. ', ' .. cjson.encode(ex) .. ', ' .. cjson.encode(rk) .. ']')
-            end
-          end
-        end
-        out[#out + 1] = key
-        out[#out + 1] = raw
-        out[#out + 1] = tag
-        still[#still + 1] = key
-      end
-    end
-    live = still
-  end
-end
-return out
-"#;
 
 /// A message taken off one of a queue's lists.
 #[derive(Debug)]
@@ -706,7 +648,7 @@ impl RedisChannel {
             .unwrap_or_default()
     }
 
-    /// Take what is waiting, up to `max` messages, with [`TAKE_READY`] (one round trip).
+    /// Take what is waiting, up to `max` messages, with the take script ([`scripts`]) (one round trip).
     async fn take_ready(
         &self,
         conn: &mut MultiplexedConnection,
@@ -715,21 +657,19 @@ impl RedisChannel {
         track: bool,
     ) -> Result<Vec<Taken>, redis::RedisError> {
         let opts = &self.shared.opts;
-        let mut cmd = redis::cmd("EVAL");
-        cmd.arg(TAKE_READY)
-            .arg(2 + opts.priority_steps.len() * queues.len())
-            .arg(opts.key("unacked"))
-            .arg(opts.key("unacked_index"));
+        let script = scripts::take_ready();
+        let mut call = script.prepare_invoke();
+        call.key(opts.key("unacked")).key(opts.key("unacked_index"));
         for step in &opts.priority_steps {
             for q in queues {
-                cmd.arg(opts.queue_key(q, *step));
+                call.key(opts.queue_key(q, *step));
             }
         }
-        cmd.arg(max)
+        call.arg(max)
             .arg(now_secs())
             .arg(if track { "1" } else { "0" })
             .arg(queues.len());
-        let flat: Vec<Vec<u8>> = cmd.query_async(conn).await?;
+        let flat: Vec<Vec<u8>> = call.invoke_async(conn).await?;
         let mut out = Vec::with_capacity(flat.len() / 3);
         let mut it = flat.into_iter();
         while let (Some(key), Some(raw), Some(tag)) = (it.next(), it.next(), it.next()) {
@@ -1479,12 +1419,43 @@ impl TransportChannel for RedisChannel {
                     .await
                     .map_err(rerr("publishing to a fanout exchange"))?;
             } else {
-                let queues = self
-                    .shared
-                    .lookup(exchange, routing_key)
-                    .await
-                    .map_err(|e| self.shared.note(e))?;
-                if queues.is_empty() {
+                let step = self.shared.opts.step_for(properties.priority.unwrap_or(0));
+                let routed = if exchange.is_empty() {
+                    // The default exchange: the queue named by the routing key.
+                    let _: () = redis::cmd("LPUSH")
+                        .arg(self.shared.opts.queue_key(routing_key, step))
+                        .arg(&raw)
+                        .query_async(&mut self.shared.conn())
+                        .await
+                        .map_err(|e| self.shared.note(rerr("publishing")(e)))?;
+                    1
+                } else {
+                    // Bindings read, matched and pushed to in one round trip.
+                    let opts = &self.shared.opts;
+                    let how = match kind.as_deref() {
+                        Some("topic") => "topic",
+                        Some(_) => "direct",
+                        None => "auto",
+                    };
+                    let suffix = if step == 0 {
+                        String::new()
+                    } else {
+                        format!("{}{step}", keys::SEP)
+                    };
+                    let n: u64 = scripts::publish()
+                        .key(opts.binding_key(exchange))
+                        .arg(routing_key)
+                        .arg(how)
+                        .arg(&raw)
+                        .arg(&opts.global_keyprefix)
+                        .arg(suffix)
+                        .arg(keys::SEP)
+                        .invoke_async(&mut self.shared.conn())
+                        .await
+                        .map_err(|e| self.shared.note(rerr("publishing")(e)))?;
+                    n
+                };
+                if routed == 0 {
                     if mandatory {
                         let r = RawReturn {
                             reply_code: 312,
@@ -1510,17 +1481,6 @@ impl TransportChannel for RedisChannel {
                         PublishOutcome::Sent
                     });
                 }
-                let step = self.shared.opts.step_for(properties.priority.unwrap_or(0));
-                let mut pipe = redis::pipe();
-                for q in &queues {
-                    pipe.cmd("LPUSH")
-                        .arg(self.shared.opts.queue_key(q, step))
-                        .arg(&raw)
-                        .ignore();
-                }
-                pipe.query_async::<()>(&mut self.shared.conn())
-                    .await
-                    .map_err(|e| self.shared.note(rerr("publishing")(e)))?;
             }
             Ok(if self.confirm.load(Ordering::Acquire) {
                 PublishOutcome::Acked
