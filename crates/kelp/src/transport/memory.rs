@@ -2,22 +2,24 @@
 //!
 //! Every connection in the process that names the same URL (`memory://`, `memory://name`)
 //! shares one broker. Nothing is persisted. Consumers are woken by publishes, requeues and
-//! acknowledgements (when prefetch credit frees up), never by polling; messages that expire
-//! while nobody calls into the broker are swept by the waiting consumers' timers.
+//! acknowledgements (when prefetch credit frees up), never by polling. What time alone brings
+//! about — messages expiring (and being dead-lettered), delayed messages falling due, unused
+//! queues reaching their `x-expires` — is done by one sweeper thread per broker, started when
+//! something first has a deadline: it sleeps until the broker's next deadline, and is woken
+//! early whenever an operation schedules a sooner one, so consumers waiting on any queue
+//! (a dead-letter target, say) see those messages on time.
 
 use std::collections::{HashMap, VecDeque};
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
 use std::task::{Context, Poll, Waker};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures_core::Stream;
 use kelp_amqp::{BasicProperties, FieldTable, ShortString};
 use tokio::sync::mpsc;
-use tokio::time::Sleep;
 
 use super::virtual_broker::{
     self as vb, BrokerError, ExchangeKind, ExchangeOptions, MessageData, Notice, OwnerId,
@@ -44,6 +46,123 @@ fn now_ms() -> u64 {
 struct Shared {
     state: Mutex<State>,
     next_owner: AtomicU64,
+    sweeper: Arc<Sweeper>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.sweeper.stop();
+    }
+}
+
+/// The thread that does what falls due with time (see the module docs), and how to reach it.
+#[derive(Debug, Default)]
+struct Sweeper {
+    signal: Mutex<SweepSignal>,
+    cv: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct SweepSignal {
+    /// A thread is running (or starting).
+    running: bool,
+    /// A sooner deadline was set in [`State::sweep_at`]: look again.
+    rearm: bool,
+    /// The broker is gone: end.
+    stop: bool,
+}
+
+impl Sweeper {
+    /// Have the thread look at the broker again (a sooner deadline is in
+    /// [`State::sweep_at`]); start it if it is not running.
+    fn rearm(self: &Arc<Self>, shared: &Arc<Shared>) {
+        let Ok(mut sig) = self.signal.lock() else {
+            return;
+        };
+        sig.rearm = true;
+        if sig.running {
+            self.cv.notify_all();
+            return;
+        }
+        sig.running = true;
+        drop(sig);
+        let (weak, me) = (Arc::downgrade(shared), self.clone());
+        let started = std::thread::Builder::new()
+            .name("kelp-memory-sweeper".into())
+            .spawn(move || sweep(&weak, &me));
+        if let Err(e) = started {
+            tracing::warn!(error = %e, "memory broker: cannot start the expiry thread; messages expire only when the broker is used");
+            if let Ok(mut sig) = self.signal.lock() {
+                sig.running = false;
+            }
+        }
+    }
+
+    fn stop(&self) {
+        if let Ok(mut sig) = self.signal.lock() {
+            sig.stop = true;
+        }
+        self.cv.notify_all();
+    }
+}
+
+/// The sweeper thread: expire what is due, sleep until the next deadline (or until re-armed),
+/// again, until the broker is dropped.
+fn sweep(shared: &Weak<Shared>, sweeper: &Sweeper) {
+    loop {
+        let Some(strong) = shared.upgrade() else {
+            break;
+        };
+        let at = with_state(&strong, |s, _| {
+            let now = now_ms();
+            if s.broker.next_expiry().is_some_and(|t| t <= now) {
+                s.broker.expire(now);
+            }
+            // All of it is in `next_expiry` now.
+            let _ = s.broker.take_new_deadline();
+            s.sweep_at = s.broker.next_expiry();
+            s.sweep_at
+        });
+        // The broker may be dropped while this sleeps (its drop stops this thread).
+        drop(strong);
+        let Ok(at) = at else {
+            break;
+        };
+        let Ok(mut sig) = sweeper.signal.lock() else {
+            return;
+        };
+        loop {
+            if sig.stop {
+                sig.running = false;
+                return;
+            }
+            if sig.rearm {
+                sig.rearm = false;
+                break;
+            }
+            let Some(at) = at else {
+                sig = match sweeper.cv.wait(sig) {
+                    Ok(g) => g,
+                    Err(_) => return,
+                };
+                continue;
+            };
+            let now = now_ms();
+            if at <= now {
+                break;
+            }
+            sig = match sweeper
+                .cv
+                .wait_timeout(sig, Duration::from_millis(at - now))
+            {
+                Ok((g, _)) => g,
+                Err(_) => return,
+            };
+        }
+    }
+    if let Ok(mut sig) = sweeper.signal.lock() {
+        sig.running = false;
+    }
 }
 
 #[derive(Debug, Default)]
@@ -56,6 +175,8 @@ struct State {
     /// Returned messages per session (no consumer of the returns yet: kept until taken).
     returns: HashMap<SessionId, mpsc::UnboundedSender<RawReturn>>,
     next_waiter: u64,
+    /// When the sweeper thread looks at the broker next (`None`: nothing is scheduled).
+    sweep_at: Option<u64>,
 }
 
 impl State {
@@ -110,22 +231,33 @@ fn brokers() -> &'static Mutex<HashMap<String, Weak<Shared>>> {
     B.get_or_init(|| Mutex::new(HashMap::new()))
 }
 
-/// Run `f` on the broker state, then wake whoever it made runnable (outside the lock).
+/// Run `f` on the broker state, then wake whoever it made runnable (outside the lock), and
+/// the sweeper when `f` scheduled something sooner than it will look.
 fn with_state<T>(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     f: impl FnOnce(&mut State, &mut Vec<Waker>) -> T,
 ) -> Result<T, Error> {
     let mut wake = Vec::new();
-    let out = {
+    let (out, rearm) = {
         let mut g: MutexGuard<'_, State> = shared.state.lock().map_err(|_| Error::Closed {
             what: "the memory broker (a thread panicked while holding it)",
         })?;
         let out = f(&mut g, &mut wake);
         g.notices(&mut wake);
-        out
+        let sooner = g
+            .broker
+            .take_new_deadline()
+            .filter(|t| g.sweep_at.is_none_or(|at| *t < at));
+        if sooner.is_some() {
+            g.sweep_at = sooner;
+        }
+        (out, sooner.is_some())
     };
     for w in wake {
         w.wake();
+    }
+    if rearm {
+        shared.sweeper.rearm(shared);
     }
     Ok(out)
 }
@@ -512,7 +644,6 @@ impl TransportChannel for MemoryChannel {
                 id,
                 buf: VecDeque::new(),
                 scratch: Vec::new(),
-                timer: None,
                 done: false,
             });
             (tag.to_string(), stream)
@@ -631,8 +762,9 @@ fn raw(d: vb::Delivery, consumer_tag: &ShortString) -> RawDelivery {
     }
 }
 
-/// A consumer's stream: takes batches from the broker, sleeps on a waker when there is
-/// nothing (or no prefetch credit), and on a timer when a message in the broker will expire.
+/// A consumer's stream: takes batches from the broker and sleeps on a waker when there is
+/// nothing (or no prefetch credit). Messages that arrive with time (dead-lettered on expiry,
+/// delayed) wake it through the broker's sweeper like any other arrival.
 struct MemoryConsumer {
     shared: Arc<Shared>,
     session: SessionId,
@@ -642,7 +774,6 @@ struct MemoryConsumer {
     id: u64,
     buf: VecDeque<RawDelivery>,
     scratch: Vec<vb::Delivery>,
-    timer: Option<Pin<Box<Sleep>>>,
     done: bool,
 }
 
@@ -650,7 +781,7 @@ enum Step {
     Got,
     Cancelled(Arc<str>),
     Ended,
-    Wait(Option<u64>),
+    Wait,
 }
 
 impl Stream for MemoryConsumer {
@@ -662,11 +793,6 @@ impl Stream for MemoryConsumer {
         }
         if this.done {
             return Poll::Ready(None);
-        }
-        if let Some(t) = &mut this.timer {
-            if t.as_mut().poll(cx).is_ready() {
-                this.timer = None;
-            }
         }
         let (session, id, queue) = (this.session, this.id, this.queue.clone());
         let tag = this.tag.clone();
@@ -706,7 +832,7 @@ impl Stream for MemoryConsumer {
                 Ok(_) => {
                     s.waiters
                         .insert(id, (queue.clone(), session, cx.waker().clone()));
-                    Step::Wait(s.broker.next_expiry())
+                    Step::Wait
                 }
                 Err(_) => {
                     s.waiters.remove(&id);
@@ -739,20 +865,7 @@ impl Stream for MemoryConsumer {
                 this.done = true;
                 Poll::Ready(None)
             }
-            Ok(Step::Wait(expiry)) => {
-                if let Some(at) = expiry {
-                    let wait = at.saturating_sub(now_ms()).max(1);
-                    let deadline =
-                        tokio::time::Instant::now() + std::time::Duration::from_millis(wait);
-                    let mut t = Box::pin(tokio::time::sleep_until(deadline));
-                    if t.as_mut().poll(cx).is_ready() {
-                        cx.waker().wake_by_ref();
-                    } else {
-                        this.timer = Some(t);
-                    }
-                }
-                Poll::Pending
-            }
+            Ok(Step::Wait) => Poll::Pending,
         }
     }
 }

@@ -28,6 +28,8 @@ conformance_tests! {
     dead_letter_on_queue_ttl_expiry,
     #[not_on(redis; "N/A on redis: Kombu's Redis transport has no dead-lettering")]
     dead_letter_on_message_expiration,
+    #[not_on(redis; "N/A on redis: Kombu's Redis transport has no dead-lettering")]
+    expiry_dead_letter_wakes_waiting_consumer,
     #[not_on(redis; "N/A on redis: Kombu's Redis transport has no queue length limits")]
     max_length_drops_head,
     #[not_on(redis; "N/A on redis: Kombu's Redis transport has no queue length limits")]
@@ -249,6 +251,36 @@ async fn dead_letter_on_message_expiration(t: &Target) {
     assert_eq!(death_reason(&dead).as_deref(), Some("expired"));
     // RabbitMQ drops the per-message expiration when dead-lettering.
     assert!(dead.properties().expiration.is_none());
+}
+
+/// A message dead-lettered on expiry wakes a consumer that was already waiting on the
+/// dead-letter target (started, and idle, before the message was published): nothing else
+/// touches either queue after the publish.
+async fn expiry_dead_letter_wakes_waiting_consumer(t: &Target) {
+    let (_conn, ch) = t.open().await;
+    let target = declare(&ch, t.queue("dl-target")).await;
+    let mut c = consumer(&ch, &target).await;
+    let waiting = tokio::spawn(async move {
+        let got = c.next_timeout(WAIT).await;
+        (c, got)
+    });
+    // Let the consumer go idle on the empty target queue first.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let source = t
+        .queue("ttl")
+        .message_ttl(Duration::from_millis(200))
+        .dead_letter("", Some(&target.name));
+    let source = declare(&ch, source).await;
+    publish(&ch, "", &source.name, "expired-into-target").await;
+    let (_c, got) = within("the waiting consumer", waiting).await.unwrap();
+    let dead = match got {
+        Ok(Some(m)) => m,
+        Ok(None) => panic!("the consumer ended while a message was expected"),
+        Err(e) => panic!("the waiting consumer got nothing within {WAIT:?}: {e}"),
+    };
+    assert_eq!(text(&dead), "expired-into-target");
+    assert_eq!(death_reason(&dead).as_deref(), Some("expired"));
+    assert_eq!(dead.delivery_info().routing_key, target.name);
 }
 
 /// `x-max-length` with the default overflow (drop-head): the oldest go.

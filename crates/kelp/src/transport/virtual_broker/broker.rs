@@ -484,6 +484,24 @@ fn count_u32(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
 
+/// Lower `slot` to `t` when `t` is sooner.
+fn sooner(slot: &mut Option<u64>, t: Option<u64>) {
+    if let Some(t) = t {
+        if slot.is_none_or(|s| t < s) {
+            *slot = Some(t);
+        }
+    }
+}
+
+/// Record in `slot` when `q` next has something due: the expiry of a message at the head of
+/// one of its priority levels, or its `x-expires` while it has no consumer.
+fn note_deadlines(slot: &mut Option<u64>, q: &QueueState) {
+    if q.store.has_expiring() {
+        sooner(slot, q.store.next_expiry());
+    }
+    sooner(slot, q.expires_deadline());
+}
+
 /// An in-process, single-threaded model of an AMQP 0-9-1 broker (one vhost).
 ///
 /// Synchronous and clock-free: every call that depends on time takes `now_ms` (milliseconds
@@ -505,6 +523,9 @@ pub struct VirtualBroker {
     delayed: BinaryHeap<Delayed>,
     delayed_seq: u64,
     notices: Vec<Notice>,
+    /// The soonest deadline scheduled since [`take_new_deadline`](Self::take_new_deadline)
+    /// last ran (see there).
+    new_deadline: Option<u64>,
     pending_dead: VecDeque<PendingDeath>,
     /// Reused buffers.
     scratch: Vec<QueuedMessage>,
@@ -532,6 +553,7 @@ impl VirtualBroker {
             delayed: BinaryHeap::new(),
             delayed_seq: 0,
             notices: Vec::new(),
+            new_deadline: None,
             pending_dead: VecDeque::new(),
             scratch: Vec::new(),
             settled: Vec::new(),
@@ -685,6 +707,7 @@ impl VirtualBroker {
         if q.needs_timer() {
             q.timed = true;
             self.timed.insert(name.clone());
+            note_deadlines(&mut self.new_deadline, &q);
         }
         self.queues.insert(name.clone(), q);
         self.router.add_queue(name.clone());
@@ -876,9 +899,11 @@ impl VirtualBroker {
                     .and_then(FieldValue::as_i64)
                     .unwrap_or(0);
                 if delay > 0 {
+                    let due = now_ms.saturating_add(delay.unsigned_abs());
+                    sooner(&mut self.new_deadline, Some(due));
                     self.delayed_seq += 1;
                     self.delayed.push(Delayed {
-                        due: now_ms.saturating_add(delay.unsigned_abs()),
+                        due,
                         seq: self.delayed_seq,
                         exchange: x.name().clone(),
                         message,
@@ -930,6 +955,8 @@ impl VirtualBroker {
                         DeathReason::Expired,
                     );
                 }
+                // Handing out messages exposes new heads.
+                note_deadlines(&mut self.new_deadline, q);
                 if let Some(i) = target.filter(|_| !q.store.would_reject(message)) {
                     let m = q.store.admit(message, ttl, now_ms);
                     if hand(q, &mut self.sessions, i, m).is_none() {
@@ -962,6 +989,7 @@ impl VirtualBroker {
                         q.timed = true;
                         self.timed.insert(q.name.clone());
                     }
+                    note_deadlines(&mut self.new_deadline, q);
                 }
                 PushOutcome::Rejected => {
                     rejected.push(q.name.clone());
@@ -1230,6 +1258,9 @@ impl VirtualBroker {
             if q.auto_delete {
                 let name = q.name.clone();
                 self.remove_queue(&name);
+            } else {
+                // Unused from now on: its `x-expires` starts running.
+                note_deadlines(&mut self.new_deadline, q);
             }
         } else if !q.store.is_empty() {
             // Another consumer may take over: the next single active consumer, or lower
@@ -1267,6 +1298,8 @@ impl VirtualBroker {
                 DeathReason::Expired,
             );
         }
+        // Taking the head exposes the next one (and moves `x-expires` on).
+        note_deadlines(&mut self.new_deadline, q);
         let delivery = popped.map(|m| deliver(s, q, m, no_ack, None));
         if !self.pending_dead.is_empty() {
             self.process_dead_letters(now_ms);
@@ -1376,6 +1409,10 @@ impl VirtualBroker {
             }
         }
         let left = !q.store.is_empty();
+        if claim.eligible {
+            // Taking heads exposes the next ones.
+            note_deadlines(&mut self.new_deadline, q);
+        }
         if !self.scratch.is_empty() {
             schedule_dead(
                 &mut self.pending_dead,
@@ -1500,6 +1537,7 @@ impl VirtualBroker {
                 q.timed = true;
                 self.timed.insert(q.name.clone());
             }
+            note_deadlines(&mut self.new_deadline, q);
             n += 1;
             let fresh =
                 !matches!(self.notices.last(), Some(Notice::QueueReady(last)) if *last == q.name);
@@ -1586,6 +1624,8 @@ impl VirtualBroker {
         for name in unused {
             self.remove_queue(&name);
         }
+        let next = self.next_expiry();
+        sooner(&mut self.new_deadline, next);
         expired
     }
 
@@ -1605,6 +1645,19 @@ impl VirtualBroker {
             }
         }
         best
+    }
+
+    /// The soonest deadline scheduled by the calls since the last call of this (a message
+    /// reaching the head of a queue where it can expire, a delayed message, an unused queue's
+    /// `x-expires` starting to run), or `None` when nothing was scheduled.
+    ///
+    /// For a transport that sleeps until [`next_expiry`](Self::next_expiry) to call
+    /// [`expire`](Self::expire): when this is sooner than its timer, it must re-arm it, or the
+    /// expiry (and the dead-lettering or delayed delivery it brings) waits for some unrelated
+    /// call. A deadline reported here may already be past, and may be the only report of it;
+    /// one that turns out not to be due by then is harmless (`expire` finds nothing).
+    pub fn take_new_deadline(&mut self) -> Option<u64> {
+        self.new_deadline.take()
     }
 
     // ---------------------------------------------------------------- notices

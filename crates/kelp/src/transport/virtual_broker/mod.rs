@@ -22,6 +22,11 @@
 //! Time: calls that depend on time take `now_ms` (ms since the Unix epoch); expired messages
 //! are removed when they reach a queue's head (lazily on delivery, or by
 //! [`VirtualBroker::expire`], whose next due time [`VirtualBroker::next_expiry`] reports).
+//! A transport that sleeps until that time learns from [`VirtualBroker::take_new_deadline`]
+//! when an operation scheduled something sooner (a message with a TTL reaching a head, a
+//! delayed message, an unused queue's `x-expires`), so that what expiry brings — a
+//! dead-lettered message for a consumer waiting on another queue — is not left for some
+//! unrelated call to trigger.
 //!
 //! ```
 //! use kelp::transport::virtual_broker::{MessageData, OwnerId, QueueOptions, VirtualBroker};

@@ -384,6 +384,84 @@ fn deleting_a_queue_without_consumers_only_reports_the_deletion() {
     assert_eq!(f.b.take_notices(), [Notice::QueueDeleted(q("q"))]);
 }
 
+// ---------------------------------------------------------------- deadlines
+
+fn ttl(ms: i32) -> (&'static str, FieldValue) {
+    ("x-message-ttl", FieldValue::I32(ms))
+}
+
+#[test]
+fn new_deadlines_report_message_expiries_as_they_reach_a_head() {
+    let mut f = Fx::new();
+    f.queue_args("ttl", &[ttl(200)]);
+    assert_eq!(f.b.take_new_deadline(), None, "nothing to expire yet");
+    f.send_at("ttl", "a", T0);
+    assert_eq!(f.b.take_new_deadline(), Some(T0 + 200));
+    assert_eq!(f.b.take_new_deadline(), None, "reported once");
+    f.send_at("ttl", "b", T0 + 50);
+    // The head still expires first.
+    assert_eq!(f.b.take_new_deadline(), Some(T0 + 200));
+    // Taking the head exposes the next one.
+    assert_eq!(body(&f.get_at("ttl", T0 + 10).unwrap()), "a");
+    assert_eq!(f.b.take_new_deadline(), Some(T0 + 250));
+
+    // A short per-message expiration behind a long one is reported when it reaches the head.
+    f.queue("exp");
+    let long = BasicProperties::default().with_expiration("60000");
+    let short = BasicProperties::default().with_expiration("100");
+    f.send_props("exp", "long", long, T0);
+    f.send_props("exp", "short", short, T0);
+    assert_eq!(f.b.take_new_deadline(), Some(T0 + 60_000));
+    let d = f.get_at("exp", T0 + 10).unwrap();
+    assert_eq!(f.b.take_new_deadline(), Some(T0 + 100));
+    // A requeue puts the long one back ahead of it.
+    f.reject(d.delivery_tag, true);
+    assert_eq!(f.b.take_new_deadline(), Some(T0 + 60_000));
+}
+
+#[test]
+fn new_deadlines_report_dead_letters_delays_and_unused_queues() {
+    let mut f = Fx::new();
+    // Expiring into a dead-letter queue that has a TTL of its own.
+    f.queue_args("dead", &[ttl(1000)]);
+    f.queue_args(
+        "src",
+        &[
+            ttl(100),
+            ("x-dead-letter-exchange", s("")),
+            ("x-dead-letter-routing-key", s("dead")),
+        ],
+    );
+    f.send_at("src", "m", T0);
+    assert_eq!(f.b.take_new_deadline(), Some(T0 + 100));
+    assert_eq!(f.b.expire(T0 + 100), 1);
+    assert_eq!(f.bodies("dead"), ["m"]);
+    assert_eq!(f.b.take_new_deadline(), Some(T0 + 1100));
+
+    // A delayed message.
+    f.b.declare_exchange(
+        "later",
+        ExchangeKind::parse("x-delayed-message"),
+        ExchangeOptions::default(),
+        &table(&[("x-delayed-type", s("direct"))]),
+    )
+    .unwrap();
+    let props =
+        BasicProperties::default().with_headers(table(&[("x-delay", FieldValue::I32(500))]));
+    f.b.publish(super::msg_props("later", "k", props), false, T0)
+        .unwrap();
+    assert_eq!(f.b.take_new_deadline(), Some(T0 + 500));
+
+    // `x-expires` runs while a queue has no consumer: from its declaration, and again from
+    // its last consumer's cancel.
+    f.queue_args("idle", &[("x-expires", FieldValue::I32(1000))]);
+    assert_eq!(f.b.take_new_deadline(), Some(T0 + 1000));
+    let tag = f.consume("idle", "c");
+    assert_eq!(f.b.take_new_deadline(), None);
+    f.b.cancel(f.s, &tag, T0 + 300).unwrap();
+    assert_eq!(f.b.take_new_deadline(), Some(T0 + 1300));
+}
+
 // ---------------------------------------------------------------- owners
 
 #[test]
