@@ -697,6 +697,9 @@ impl SqliteChannel {
         let mut idle = Duration::from_millis(1);
         let mut last_version: Option<(i64, u64)> = None;
         let mut last_full = tokio::time::Instant::now();
+        // When the next ready message in the file expires (ms since the epoch): its expiry may
+        // dead-letter it into a queue consumed here, with nothing else changing.
+        let mut next_due: Option<i64> = None;
         loop {
             let Some(ch) = weak.upgrade() else { return };
             if ch.closed.load(Ordering::Acquire) || ch.shared.is_closed() {
@@ -770,8 +773,15 @@ impl SqliteChannel {
                 continue;
             }
             // Nothing changed anywhere since the last empty look: skip the write transaction
-            // (but look for real every second: leases and TTLs run out with time alone).
-            if idle > Duration::from_millis(1) && last_full.elapsed() < Duration::from_secs(1) {
+            // (but look for real every second, and when a message falls due: leases and TTLs
+            // run out with time alone).
+            let until_due = next_due.map(|t| {
+                Duration::from_millis(u64::try_from(t.saturating_sub(store::now())).unwrap_or(0))
+            });
+            if idle > Duration::from_millis(1)
+                && last_full.elapsed() < Duration::from_secs(1)
+                && until_due.is_none_or(|d| !d.is_zero())
+            {
                 // Listen before looking, so a publish between the look and the wait counts.
                 let wake = ch.shared.wake.notified();
                 tokio::pin!(wake);
@@ -779,7 +789,7 @@ impl SqliteChannel {
                 let v = ch.version().await;
                 if v.is_some() && v == last_version {
                     let credit = ch.credit.notified();
-                    let wait = idle;
+                    let wait = until_due.map_or(idle, |d| idle.min(d));
                     tokio::select! {
                         _ = wake => { idle = Duration::from_millis(1); }
                         _ = credit => {}
@@ -818,11 +828,14 @@ impl SqliteChannel {
                     for (q, no_ack, n) in &wanted {
                         out.push(store::take(tx, topo, q, &owner, *n, lease, *no_ack));
                     }
-                    Ok(out)
+                    Ok((out, store::next_due(tx)?))
                 })
                 .await;
             let got = match got {
-                Ok(g) => g,
+                Ok((g, due)) => {
+                    next_due = due;
+                    g
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "consumer poll");
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -843,12 +856,8 @@ impl SqliteChannel {
                             .unwrap_or(false);
                         if !still_there {
                             // Cancelled while its messages were being taken: they were never
-                            // delivered.
-                            let ids: Vec<i64> = list.iter().map(|t| t.id).collect();
-                            if !no_ack {
-                                let _ =
-                                    ch.shared.write(move |tx, _| store::unclaim(tx, &ids)).await;
-                            }
+                            // delivered, and go back as they were.
+                            ch.give_back(&queue, list, &[], no_ack).await;
                             continue;
                         }
                         any = true;
@@ -857,12 +866,36 @@ impl SqliteChannel {
                                 e.served.fetch_add(list.len() as u64, Ordering::AcqRel);
                             }
                         }
+                        // Once the consumer's stream is gone, nothing more reaches it: the
+                        // message that could not be sent and the rest of the batch go back.
+                        let mut back: Vec<store::Taken> = Vec::new();
+                        let mut back_tags: Vec<u64> = Vec::new();
                         for (tag, t) in ch.register(&queue, list, no_ack, Some(&ctag)) {
-                            let d = raw_delivery(tag, t, &ctag);
-                            if tx.send(Ok(d)).await.is_err() {
-                                // The consumer's stream is gone: its message goes back.
-                                let _ = ch.settle(tag, false, Some(true)).await;
+                            if !back.is_empty() {
+                                back.push(t);
+                                back_tags.push(tag);
+                                continue;
                             }
+                            let (id, priority, expires_at) = (t.id, t.priority, t.expires_at);
+                            let d = raw_delivery(tag, t, &ctag);
+                            if let Err(mpsc::error::SendError(Ok(d))) = tx.send(Ok(d)).await {
+                                back.push(store::Taken {
+                                    id,
+                                    message: MessageData {
+                                        exchange: d.exchange,
+                                        routing_key: d.routing_key,
+                                        properties: d.properties,
+                                        body: d.body,
+                                    },
+                                    redelivered: d.redelivered,
+                                    priority,
+                                    expires_at,
+                                });
+                                back_tags.push(tag);
+                            }
+                        }
+                        if !back.is_empty() {
+                            ch.give_back(&queue, back, &back_tags, no_ack).await;
                         }
                     }
                     Err(Error::Broker(BrokerError::NotFound { .. })) => {
@@ -1017,6 +1050,39 @@ impl SqliteChannel {
             return;
         }
         *slot = Some(tokio::spawn(SqliteChannel::pump(self.me.clone())));
+    }
+
+    /// Put back messages taken for a consumer of `queue` that could not be handed to it (it
+    /// was cancelled meanwhile, or its stream dropped), as if they had never been taken: leased
+    /// ones (`tags`, forgotten here) become ready again, `no_ack` ones — already deleted — are
+    /// re-inserted where they were. Then other consumers may take them.
+    async fn give_back(&self, queue: &str, taken: Vec<store::Taken>, tags: &[u64], no_ack: bool) {
+        if taken.is_empty() {
+            return;
+        }
+        if let Ok(mut st) = self.state.lock() {
+            for tag in tags {
+                st.unacked.remove(tag);
+            }
+        }
+        let q = queue.to_owned();
+        let r = self
+            .shared
+            .write(move |tx, _| {
+                if no_ack {
+                    store::restore(tx, &q, &taken)
+                } else {
+                    let ids: Vec<i64> = taken.iter().map(|t| t.id).collect();
+                    store::unclaim(tx, &ids)
+                }
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::warn!(error = %e, queue, "putting back messages a cancelled consumer did not get");
+        }
+        self.shared.local_writes.fetch_add(1, Ordering::AcqRel);
+        self.credit.notify_waiters();
+        self.shared.wake.notify_waiters();
     }
 
     /// Ack (`requeue == None`) or reject one tag or every tag up to it.

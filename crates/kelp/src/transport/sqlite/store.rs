@@ -680,10 +680,10 @@ fn store(
                 Overflow::DropHead => {
                     let drop_n = ready - max + 1;
                     let heads = take_ready(tx, queue, drop_n)?;
-                    for (id, m, _) in heads {
-                        tx.execute("DELETE FROM kelp_messages WHERE id = ?1", params![id])
+                    for t in heads {
+                        tx.execute("DELETE FROM kelp_messages WHERE id = ?1", params![t.id])
                             .map_err(w)?;
-                        dead_letter(tx, topo, queue, &m, DeathReason::Maxlen, now)?;
+                        dead_letter(tx, topo, queue, &t.message, DeathReason::Maxlen, now)?;
                     }
                 }
             }
@@ -716,10 +716,10 @@ fn store(
                         dead_letter(tx, topo, queue, msg, DeathReason::Maxlen, now)?;
                         return Ok(true);
                     }
-                    for (id, m, _) in heads {
-                        tx.execute("DELETE FROM kelp_messages WHERE id = ?1", params![id])
+                    for t in heads {
+                        tx.execute("DELETE FROM kelp_messages WHERE id = ?1", params![t.id])
                             .map_err(w)?;
-                        dead_letter(tx, topo, queue, &m, DeathReason::Maxlen, now)?;
+                        dead_letter(tx, topo, queue, &t.message, DeathReason::Maxlen, now)?;
                     }
                 }
             }
@@ -743,15 +743,11 @@ fn store(
 }
 
 /// The first `n` ready messages of `queue`, in delivery order.
-fn take_ready(
-    tx: &Transaction<'_>,
-    queue: &str,
-    n: i64,
-) -> Result<Vec<(i64, MessageData, bool)>, Error> {
+fn take_ready(tx: &Transaction<'_>, queue: &str, n: i64) -> Result<Vec<Taken>, Error> {
     let w = |e| sql(e, "reading messages");
     let mut st = tx
         .prepare_cached(
-            "SELECT id, exchange, routing_key, properties, body, redelivered FROM kelp_messages WHERE queue = ?1 AND state = 0 ORDER BY priority DESC, id LIMIT ?2",
+            "SELECT id, exchange, routing_key, properties, body, redelivered, priority, expires_at FROM kelp_messages WHERE queue = ?1 AND state = 0 ORDER BY priority DESC, id LIMIT ?2",
         )
         .map_err(w)?;
     let rows = st
@@ -763,17 +759,21 @@ fn take_ready(
                 r.get::<_, Vec<u8>>(3)?,
                 r.get::<_, Vec<u8>>(4)?,
                 r.get::<_, bool>(5)?,
+                r.get::<_, i64>(6)?,
+                r.get::<_, Option<i64>>(7)?,
             ))
         })
         .map_err(w)?;
     let mut out = Vec::new();
     for row in rows {
-        let (id, ex, rk, props, body, red) = row.map_err(w)?;
-        out.push((
+        let (id, ex, rk, props, body, redelivered, priority, expires_at) = row.map_err(w)?;
+        out.push(Taken {
             id,
-            MessageData::new(ex, rk, decode_properties(props), body),
-            red,
-        ));
+            message: MessageData::new(ex, rk, decode_properties(props), body),
+            redelivered,
+            priority,
+            expires_at,
+        });
     }
     Ok(out)
 }
@@ -958,6 +958,10 @@ pub(crate) struct Taken {
     pub id: i64,
     pub message: MessageData,
     pub redelivered: bool,
+    /// Its priority level in its queue (kept to put it back where it was).
+    pub priority: i64,
+    /// When it expires (ms since the epoch), if it does.
+    pub expires_at: Option<i64>,
 }
 
 /// Take up to `n` ready messages of `queue` for `owner`, leased until `now + lease_ms`.
@@ -983,25 +987,30 @@ pub(crate) fn take(
     touch(tx, queue, now)?;
     let w = |e| sql(e, "taking messages");
     let rows = take_ready(tx, queue, n)?;
-    let mut out = Vec::with_capacity(rows.len());
-    for (id, message, redelivered) in rows {
+    for t in &rows {
         if no_ack {
-            tx.execute("DELETE FROM kelp_messages WHERE id = ?1", params![id])
+            tx.execute("DELETE FROM kelp_messages WHERE id = ?1", params![t.id])
                 .map_err(w)?;
         } else {
             tx.execute(
                 "UPDATE kelp_messages SET state = 1, owner = ?2, lease_until = ?3 WHERE id = ?1",
-                params![id, owner, now.saturating_add(lease_ms)],
+                params![t.id, owner, now.saturating_add(lease_ms)],
             )
             .map_err(w)?;
         }
-        out.push(Taken {
-            id,
-            message,
-            redelivered,
-        });
     }
-    Ok(out)
+    Ok(rows)
+}
+
+/// When the next ready message of any queue expires (ms since the epoch), if one can.
+pub(crate) fn next_due(tx: &Transaction<'_>) -> Result<Option<i64>, Error> {
+    tx.query_row(
+        "SELECT expires_at FROM kelp_messages WHERE expires_at IS NOT NULL AND state = 0 ORDER BY expires_at LIMIT 1",
+        [],
+        |r| r.get(0),
+    )
+    .optional()
+    .map_err(|e| sql(e, "reading the next expiry"))
 }
 
 /// Ack: delete the messages.
@@ -1106,6 +1115,35 @@ pub(crate) fn unclaim(tx: &Transaction<'_>, ids: &[i64]) -> Result<(), Error> {
             "UPDATE kelp_messages SET state = 0, owner = NULL, lease_until = NULL WHERE id = ?1 AND state = 1",
             params![id],
         )
+        .map_err(w)?;
+    }
+    Ok(())
+}
+
+/// Put messages taken with `no_ack` (so deleted) back into `queue` as they were — same id,
+/// so at the same position, same priority, expiry and redelivered flag — because they could
+/// not be handed to their consumer (cancelled, or its stream dropped). Nothing is put back
+/// into a queue deleted meanwhile.
+pub(crate) fn restore(tx: &Transaction<'_>, queue: &str, taken: &[Taken]) -> Result<(), Error> {
+    let w = |e| sql(e, "putting messages back");
+    let mut st = tx
+        .prepare_cached(
+            "INSERT OR IGNORE INTO kelp_messages (id, queue, priority, state, expires_at, redelivered, exchange, routing_key, properties, body) \
+             SELECT ?1, ?2, ?3, 0, ?4, ?5, ?6, ?7, ?8, ?9 WHERE EXISTS (SELECT 1 FROM kelp_queues WHERE name = ?2)",
+        )
+        .map_err(w)?;
+    for t in taken {
+        st.execute(params![
+            t.id,
+            queue,
+            t.priority,
+            t.expires_at,
+            t.redelivered,
+            t.message.exchange.as_str(),
+            t.message.routing_key.as_str(),
+            encode_properties(&t.message.properties)?,
+            t.message.body.as_ref()
+        ])
         .map_err(w)?;
     }
     Ok(())
