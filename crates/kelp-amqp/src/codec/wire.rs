@@ -199,7 +199,7 @@ impl<'a> Writer<'a> {
         self.raw(b);
         Ok(())
     }
-    /// Reserve a u32 length slot, returning its position for [`Writer::patch_u32`].
+    /// Reserve a u32 length slot, returning its position for [`Writer::patch_len`].
     pub fn placeholder_u32(&mut self) -> usize {
         let at = self.buf.len();
         self.u32(0);
