@@ -76,6 +76,12 @@ impl ConsumerRec {
         self.has_next.store(true, Ordering::Release);
         self.wake();
     }
+    /// Its spec, under its own tag: to consume again with.
+    fn respec(&self) -> ConsumeSpec {
+        let mut spec = self.spec.clone();
+        spec.tag = self.tag.clone();
+        spec
+    }
     fn fail(&self, e: Error) {
         if let Ok(mut f) = self.failed.lock() {
             *f = Some(e);
@@ -262,9 +268,7 @@ impl ChannelInner {
                 applied = rec.prefetch;
             }
             let queue = self.shared.resolve(&rec.queue).into_owned();
-            let mut spec = rec.spec.clone();
-            spec.tag = rec.tag.clone();
-            match slot.raw.consume(&queue, spec).await {
+            match slot.raw.consume(&queue, rec.respec()).await {
                 Ok((_, stream)) => rec.hand_over(slot.epoch, stream),
                 Err(e) if is_connection_loss(&e) => return Err(e),
                 Err(e) => {
@@ -331,6 +335,14 @@ impl ChannelInner {
             return Err(Self::stale(tag));
         }
         Ok((slot, tag & TAG_MASK))
+    }
+
+    /// The result of settling `tag`: lost with the connection, the delivery is stale.
+    fn stale_if_lost(tag: u64, r: Result<(), Error>) -> Result<(), Error> {
+        match r {
+            Err(e) if is_connection_loss(&e) => Err(Self::stale(tag)),
+            r => r,
+        }
     }
 }
 
@@ -481,9 +493,7 @@ fn spawn_reconsume(chan: Arc<ChannelInner>, rec: Arc<ConsumerRec>) {
             }
             let _guard = chan.reopen_lock.lock().await;
             let slot = chan.slot.load_full();
-            let mut spec = rec.spec.clone();
-            spec.tag = rec.tag.clone();
-            if let Ok((_, stream)) = slot.raw.consume(&queue, spec).await {
+            if let Ok((_, stream)) = slot.raw.consume(&queue, rec.respec()).await {
                 rec.hand_over(slot.epoch, stream);
                 chan.shared.emit(RecoveryEvent::ConsumerResumed {
                     consumer_tag: rec.tag.clone(),
@@ -495,6 +505,18 @@ fn spawn_reconsume(chan: Arc<ChannelInner>, rec: Arc<ConsumerRec>) {
     });
 }
 
+/// `retry!(self, method(args..))`: [`ChannelInner::retrying`] calling `method(args..)` on the raw
+/// channel of each attempt. The arguments are copied into every attempt, so they are references
+/// or `Copy`; owned ones named after `clone:` are cloned for each attempt instead.
+macro_rules! retry {
+    ($this:expr, $method:ident($($arg:expr),* $(,)?) $(, clone: $($owned:ident),+)?) => {
+        $this.retrying(|raw| {
+            $($(let $owned = $owned.clone();)+)?
+            Box::pin(async move { raw.$method($($arg),*).await })
+        })
+    };
+}
+
 impl TransportChannel for ChannelInner {
     fn exchange_declare<'a>(
         &'a self,
@@ -504,10 +526,7 @@ impl TransportChannel for ChannelInner {
         arguments: &'a FieldTable,
     ) -> BoxFuture<'a, Result<(), Error>> {
         Box::pin(async move {
-            self.retrying(|raw| {
-                Box::pin(async move { raw.exchange_declare(name, kind, flags, arguments).await })
-            })
-            .await?;
+            retry!(self, exchange_declare(name, kind, flags, arguments)).await?;
             self.shared
                 .record(|t| t.exchange_declared(name, kind, flags, arguments));
             Ok(())
@@ -519,10 +538,7 @@ impl TransportChannel for ChannelInner {
         if_unused: bool,
     ) -> BoxFuture<'a, Result<(), Error>> {
         Box::pin(async move {
-            self.retrying(|raw| {
-                Box::pin(async move { raw.exchange_delete(name, if_unused).await })
-            })
-            .await?;
+            retry!(self, exchange_delete(name, if_unused)).await?;
             self.shared.record(|t| t.exchange_deleted(name));
             Ok(())
         })
@@ -535,12 +551,10 @@ impl TransportChannel for ChannelInner {
         arguments: &'a FieldTable,
     ) -> BoxFuture<'a, Result<(), Error>> {
         Box::pin(async move {
-            self.retrying(|raw| {
-                Box::pin(async move {
-                    raw.exchange_bind(destination, source, routing_key, arguments)
-                        .await
-                })
-            })
+            retry!(
+                self,
+                exchange_bind(destination, source, routing_key, arguments)
+            )
             .await?;
             self.shared
                 .record(|t| t.exchange_bound(destination, source, routing_key, arguments));
@@ -555,12 +569,10 @@ impl TransportChannel for ChannelInner {
         arguments: &'a FieldTable,
     ) -> BoxFuture<'a, Result<(), Error>> {
         Box::pin(async move {
-            self.retrying(|raw| {
-                Box::pin(async move {
-                    raw.exchange_unbind(destination, source, routing_key, arguments)
-                        .await
-                })
-            })
+            retry!(
+                self,
+                exchange_unbind(destination, source, routing_key, arguments)
+            )
             .await?;
             self.shared
                 .record(|t| t.exchange_unbound(destination, source, routing_key, arguments));
@@ -576,11 +588,7 @@ impl TransportChannel for ChannelInner {
         Box::pin(async move {
             let resolved = self.shared.resolve(name);
             let resolved = resolved.as_ref();
-            let declared = self
-                .retrying(|raw| {
-                    Box::pin(async move { raw.queue_declare(resolved, flags, arguments).await })
-                })
-                .await?;
+            let declared = retry!(self, queue_declare(resolved, flags, arguments)).await?;
             self.shared
                 .record(|t| t.queue_declared(resolved, &declared.name, flags, arguments));
             Ok(declared)
@@ -596,13 +604,7 @@ impl TransportChannel for ChannelInner {
         Box::pin(async move {
             let queue = self.shared.resolve(queue);
             let queue = queue.as_ref();
-            self.retrying(|raw| {
-                Box::pin(async move {
-                    raw.queue_bind(queue, exchange, routing_key, arguments)
-                        .await
-                })
-            })
-            .await?;
+            retry!(self, queue_bind(queue, exchange, routing_key, arguments)).await?;
             self.shared
                 .record(|t| t.queue_bound(queue, exchange, routing_key, arguments));
             Ok(())
@@ -618,13 +620,7 @@ impl TransportChannel for ChannelInner {
         Box::pin(async move {
             let queue = self.shared.resolve(queue);
             let queue = queue.as_ref();
-            self.retrying(|raw| {
-                Box::pin(async move {
-                    raw.queue_unbind(queue, exchange, routing_key, arguments)
-                        .await
-                })
-            })
-            .await?;
+            retry!(self, queue_unbind(queue, exchange, routing_key, arguments)).await?;
             self.shared
                 .record(|t| t.queue_unbound(queue, exchange, routing_key, arguments));
             Ok(())
@@ -634,8 +630,7 @@ impl TransportChannel for ChannelInner {
         Box::pin(async move {
             let queue = self.shared.resolve(queue);
             let queue = queue.as_ref();
-            self.retrying(|raw| Box::pin(async move { raw.queue_purge(queue).await }))
-                .await
+            retry!(self, queue_purge(queue)).await
         })
     }
     fn queue_delete<'a>(
@@ -647,11 +642,7 @@ impl TransportChannel for ChannelInner {
         Box::pin(async move {
             let queue = self.shared.resolve(queue);
             let queue = queue.as_ref();
-            let n = self
-                .retrying(|raw| {
-                    Box::pin(async move { raw.queue_delete(queue, if_unused, if_empty).await })
-                })
-                .await?;
+            let n = retry!(self, queue_delete(queue, if_unused, if_empty)).await?;
             self.shared.record(|t| t.queue_deleted(queue));
             Ok(n)
         })
@@ -677,14 +668,11 @@ impl TransportChannel for ChannelInner {
             let routing_key = routing_key.as_ref();
             // Sent but not confirmed when the connection went: send it again on the next one
             // (at-least-once).
-            self.retrying(|raw| {
-                let properties = properties.clone();
-                let body = body.clone();
-                Box::pin(async move {
-                    raw.publish(exchange, routing_key, mandatory, properties, body)
-                        .await
-                })
-            })
+            retry!(
+                self,
+                publish(exchange, routing_key, mandatory, properties, body),
+                clone: properties, body
+            )
             .await
         })
     }
@@ -696,6 +684,7 @@ impl TransportChannel for ChannelInner {
         Box::pin(async move {
             let queue = self.shared.resolve(queue);
             let queue = queue.as_ref();
+            // Not `retry!`: the delivery is tagged with the epoch of the channel it came from.
             let started = Instant::now();
             let mut slot = self.current(started).await?;
             loop {
@@ -786,10 +775,7 @@ impl TransportChannel for ChannelInner {
     fn ack(&self, delivery_tag: u64, multiple: bool) -> BoxFuture<'_, Result<(), Error>> {
         Box::pin(async move {
             let (slot, tag) = self.settle_target(delivery_tag)?;
-            match slot.raw.ack(tag, multiple).await {
-                Err(e) if is_connection_loss(&e) => Err(Self::stale(delivery_tag)),
-                r => r,
-            }
+            Self::stale_if_lost(delivery_tag, slot.raw.ack(tag, multiple).await)
         })
     }
     fn nack(
@@ -800,31 +786,21 @@ impl TransportChannel for ChannelInner {
     ) -> BoxFuture<'_, Result<(), Error>> {
         Box::pin(async move {
             let (slot, tag) = self.settle_target(delivery_tag)?;
-            match slot.raw.nack(tag, multiple, requeue).await {
-                Err(e) if is_connection_loss(&e) => Err(Self::stale(delivery_tag)),
-                r => r,
-            }
+            Self::stale_if_lost(delivery_tag, slot.raw.nack(tag, multiple, requeue).await)
         })
     }
     fn reject(&self, delivery_tag: u64, requeue: bool) -> BoxFuture<'_, Result<(), Error>> {
         Box::pin(async move {
             let (slot, tag) = self.settle_target(delivery_tag)?;
-            match slot.raw.reject(tag, requeue).await {
-                Err(e) if is_connection_loss(&e) => Err(Self::stale(delivery_tag)),
-                r => r,
-            }
+            Self::stale_if_lost(delivery_tag, slot.raw.reject(tag, requeue).await)
         })
     }
     fn recover(&self, requeue: bool) -> BoxFuture<'_, Result<(), Error>> {
-        Box::pin(async move {
-            self.retrying(|raw| Box::pin(async move { raw.recover(requeue).await }))
-                .await
-        })
+        Box::pin(async move { retry!(self, recover(requeue)).await })
     }
     fn qos(&self, prefetch_count: u16, global: bool) -> BoxFuture<'_, Result<(), Error>> {
         Box::pin(async move {
-            self.retrying(|raw| Box::pin(async move { raw.qos(prefetch_count, global).await }))
-                .await?;
+            retry!(self, qos(prefetch_count, global)).await?;
             if let Ok(mut q) = self.qos.lock() {
                 q[usize::from(global)] = Some(prefetch_count);
             }
@@ -832,23 +808,18 @@ impl TransportChannel for ChannelInner {
         })
     }
     fn flow(&self, active: bool) -> BoxFuture<'_, Result<(), Error>> {
-        Box::pin(async move {
-            self.retrying(|raw| Box::pin(async move { raw.flow(active).await }))
-                .await
-        })
+        Box::pin(async move { retry!(self, flow(active)).await })
     }
     fn confirm_select(&self) -> BoxFuture<'_, Result<(), Error>> {
         Box::pin(async move {
-            self.retrying(|raw| Box::pin(async move { raw.confirm_select().await }))
-                .await?;
+            retry!(self, confirm_select()).await?;
             self.confirm.store(true, Ordering::Release);
             Ok(())
         })
     }
     fn tx_select(&self) -> BoxFuture<'_, Result<(), Error>> {
         Box::pin(async move {
-            self.retrying(|raw| Box::pin(async move { raw.tx_select().await }))
-                .await?;
+            retry!(self, tx_select()).await?;
             self.tx.store(true, Ordering::Release);
             Ok(())
         })
