@@ -14,67 +14,30 @@
 #[allow(unused_macros)]
 mod common;
 
-use std::io::{Read, Write};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
+use common::python::{self, Peer, Python};
 use common::within;
 use kelp::celery::{self, CeleryError, TaskMessage, TaskRoute};
 use kelp::{Channel, Connection, Consumer, Exchange, PublishOptions, Queue};
 use serde_json::{json, Value};
 
-const DEFAULT_PYTHON: &str = "/work/pyenv/bin/python";
 /// Celery's result backend for these tests (db 1, away from the broker's db 0).
 const BACKEND: &str = "redis://127.0.0.1:6379/1";
 /// How long a task may take from send to stored result (the worker starts in that time).
 const RESULT_WAIT: Duration = Duration::from_secs(40);
+/// How long `celery_app.py send` may take to exit.
+const SEND_WAIT: Duration = Duration::from_secs(30);
 
-fn require() -> bool {
-    std::env::var("KELP_REQUIRE_BROKERS").as_deref() == Ok("1")
-}
-
-fn python_dir() -> String {
-    format!("{}/tests/python", env!("CARGO_MANIFEST_DIR"))
-}
-
-/// The Python with Celery, or `None` (after a SKIP line) when there is none.
-fn python(test: &str) -> Option<String> {
-    static FOUND: OnceLock<Result<String, String>> = OnceLock::new();
-    let found = FOUND.get_or_init(|| {
-        let py = match std::env::var("KELP_PYTHON") {
-            Ok(p) if !p.is_empty() => p,
-            _ if std::path::Path::new(DEFAULT_PYTHON).exists() => DEFAULT_PYTHON.to_owned(),
-            _ => {
-                return Err(format!(
-                    "no Python with Celery: set KELP_PYTHON (tried {DEFAULT_PYTHON})"
-                ))
-            }
-        };
-        match Command::new(&py)
-            .args([
-                "-c",
-                "import kombu, celery, redis; print(celery.__version__)",
-            ])
-            .output()
-        {
-            Ok(o) if o.status.success() => Ok(py),
-            Ok(o) => Err(format!(
-                "{py} cannot import celery: {}",
-                String::from_utf8_lossy(&o.stderr).trim()
-            )),
-            Err(e) => Err(format!("cannot run {py}: {e}")),
-        }
-    });
-    match found {
-        Ok(py) => Some(py.clone()),
-        Err(why) if require() => panic!("{test}: {why} and KELP_REQUIRE_BROKERS=1"),
-        Err(why) => {
-            let _ = writeln!(std::io::stderr(), "SKIP {test}: {why}");
-            None
-        }
-    }
-}
+/// The Python with Celery.
+static PYTHON: Python = Python::new(
+    "celery",
+    &[
+        "-c",
+        "import kombu, celery, redis; print(celery.__version__)",
+    ],
+);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Tr {
@@ -90,91 +53,16 @@ async fn setup(test: &str, tr: Tr) -> Option<(String, String, Connection, Channe
     };
     // The result backend is Redis whatever the broker.
     common::redis_url(test)?;
-    let py = python(test)?;
+    let py = PYTHON.find(test)?;
     let conn = within("connect", Connection::open(&url)).await.unwrap();
     let ch = within("channel", conn.channel()).await.unwrap();
     Some((url, py, conn, ch))
 }
 
-/// A process whose stdout and stderr are collected; killed on drop (a failing test leaves no
-/// worker behind).
-struct Proc {
-    child: Child,
-    output: Arc<Mutex<String>>,
-    what: String,
-}
-
-impl Proc {
-    fn spawn(mut cmd: Command, what: String) -> Proc {
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
-        let output = Arc::new(Mutex::new(String::new()));
-        for mut pipe in [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
-            Box::new(child.stderr.take().unwrap()),
-        ] {
-            let sink = output.clone();
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = pipe.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    sink.lock()
-                        .unwrap()
-                        .push_str(&String::from_utf8_lossy(&buf[..n]));
-                }
-            });
-        }
-        Proc {
-            child,
-            output,
-            what,
-        }
-    }
-
-    fn output(&self) -> String {
-        self.output.lock().unwrap().clone()
-    }
-
-    /// Wait (bounded) for the process to exit successfully; returns what it printed.
-    async fn finish(mut self) -> String {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                let out = self.output();
-                assert!(status.success(), "{} failed ({status}):\n{out}", self.what);
-                return out;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not exit within 30 s:\n{}",
-                self.what,
-                self.output()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
 /// A real Celery worker consuming `queue` on `broker`.
-fn worker(py: &str, broker: &str, queue: &str) -> Proc {
+fn worker(py: &str, broker: &str, queue: &str) -> Peer {
     let mut cmd = Command::new(py);
-    cmd.current_dir(python_dir())
+    cmd.current_dir(python::DIR)
         .args([
             "-m",
             "celery",
@@ -195,10 +83,15 @@ fn worker(py: &str, broker: &str, queue: &str) -> Proc {
         ])
         .env("KELP_CELERY_BROKER", broker)
         .env("KELP_CELERY_BACKEND", BACKEND);
-    Proc::spawn(cmd, format!("celery worker -Q {queue} ({broker})"))
+    // Never waited for (no line, no exit): it runs until the test drops it.
+    Peer::spawn(
+        cmd,
+        format!("celery worker -Q {queue} ({broker})"),
+        RESULT_WAIT,
+    )
 }
 
-async fn result(worker: &Proc, id: &str) -> celery::TaskResult {
+async fn result(worker: &Peer, id: &str) -> celery::TaskResult {
     match celery::result_from_redis(BACKEND, id, RESULT_WAIT).await {
         Ok(r) => r,
         Err(e) => panic!(
@@ -326,13 +219,15 @@ async fn celery_sends_kelp_receives(test: &str, tr: Tr) {
         "retries": 3, "priority": 4, "expires": 600, "time_limit": 30, "soft_time_limit": 20,
     });
     let mut cmd = Command::new(&py);
-    cmd.current_dir(python_dir())
+    cmd.current_dir(python::DIR)
         .arg("celery_app.py")
         .arg("send")
         .arg(spec.to_string())
         .env("KELP_CELERY_BROKER", &url)
         .env("KELP_CELERY_BACKEND", BACKEND);
-    let out = Proc::spawn(cmd, "celery_app.py send".into()).finish().await;
+    let out = Peer::spawn(cmd, "celery_app.py send".into(), SEND_WAIT)
+        .exit_ok()
+        .await;
     let sent: Value = out
         .lines()
         .find_map(|l| serde_json::from_str(l).ok())

@@ -12,11 +12,9 @@
 #[allow(unused_macros)]
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::python::{Peer, Python};
 use common::within;
 use kelp::patterns::{
     CallOptions, Format, Master, RemoteError, Rpc, RpcError, RpcOptions, TaskError,
@@ -27,55 +25,17 @@ use tokio::sync::mpsc;
 
 /// How long a peer may take to print a line or to exit.
 const PEER_WAIT: Duration = Duration::from_secs(40);
-const DEFAULT_PYTHON: &str = "/work/pyenv/bin/python";
 
-fn require() -> bool {
-    std::env::var("KELP_REQUIRE_BROKERS").as_deref() == Ok("1")
-}
-
-fn skip(test: &str, why: &str) {
-    let _ = writeln!(std::io::stderr(), "SKIP {test}: {why}");
-}
-
-/// The Python with aio-pika, or `None` (after a SKIP line) when there is none.
-fn python(test: &str) -> Option<String> {
-    static FOUND: OnceLock<Result<String, String>> = OnceLock::new();
-    let found = FOUND.get_or_init(|| {
-        let py = match std::env::var("KELP_PYTHON") {
-            Ok(p) if !p.is_empty() => p,
-            _ if std::path::Path::new(DEFAULT_PYTHON).exists() => DEFAULT_PYTHON.to_owned(),
-            _ => {
-                return Err(format!(
-                    "no Python with aio-pika: set KELP_PYTHON (tried {DEFAULT_PYTHON})"
-                ))
-            }
-        };
-        let out = Command::new(&py)
-            .args(["-c", "import aio_pika; print(aio_pika.__version__)"])
-            .output();
-        match out {
-            Ok(o) if o.status.success() => Ok(py),
-            Ok(o) => Err(format!(
-                "{py} cannot import aio_pika: {}",
-                String::from_utf8_lossy(&o.stderr).trim()
-            )),
-            Err(e) => Err(format!("cannot run {py}: {e}")),
-        }
-    });
-    match found {
-        Ok(py) => Some(py.clone()),
-        Err(why) if require() => panic!("{test}: {why} and KELP_REQUIRE_BROKERS=1"),
-        Err(why) => {
-            skip(test, why);
-            None
-        }
-    }
-}
+/// The Python with aio-pika.
+static PYTHON: Python = Python::new(
+    "aio_pika",
+    &["-c", "import aio_pika; print(aio_pika.__version__)"],
+);
 
 /// Both RabbitMQ and aio-pika, or `None` after a SKIP line.
 fn setup(test: &str) -> Option<(String, String)> {
     let url = common::amqp_url(test)?;
-    let py = python(test)?;
+    let py = PYTHON.find(test)?;
     Some((url, py))
 }
 
@@ -87,122 +47,6 @@ async fn open(url: &str) -> (Connection, Channel) {
 
 async fn delete_queue(ch: &Channel, name: &str) {
     let _ = within("queue.delete", Queue::new(name).delete(ch, false, false)).await;
-}
-
-/// A Python peer: its stdout as lines, its stderr kept for failure messages, killed on drop.
-struct Peer {
-    child: Child,
-    lines: mpsc::UnboundedReceiver<String>,
-    stderr: Arc<Mutex<String>>,
-    what: String,
-}
-
-impl Peer {
-    fn spawn(python: &str, script: &str, args: &[&str]) -> Peer {
-        let path = format!("{}/tests/python/{script}", env!("CARGO_MANIFEST_DIR"));
-        let mut child = Command::new(python)
-            .arg(&path)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run {python} {path}: {e}"));
-        let (tx, lines) = mpsc::unbounded_channel();
-        let stdout = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let sink = stderr.clone();
-        let mut err = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = err.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
-        Peer {
-            child,
-            lines,
-            stderr,
-            what: format!("{script} {}", args.join(" ")),
-        }
-    }
-
-    fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
-    }
-
-    /// The next line the peer prints.
-    async fn line(&mut self) -> String {
-        match tokio::time::timeout(PEER_WAIT, self.lines.recv()).await {
-            Ok(Some(l)) => l,
-            Ok(None) => {
-                // Give the stderr reader a moment to catch the traceback.
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                panic!(
-                    "{} exited ({:?}) without the expected output; stderr:\n{}",
-                    self.what,
-                    self.child.try_wait(),
-                    self.stderr()
-                )
-            }
-            Err(_) => panic!(
-                "{} printed nothing within {PEER_WAIT:?}; stderr:\n{}",
-                self.what,
-                self.stderr()
-            ),
-        }
-    }
-
-    async fn ready(&mut self) {
-        let l = self.line().await;
-        assert_eq!(l, "READY", "{}: stderr:\n{}", self.what, self.stderr());
-    }
-
-    /// Wait for the peer to exit, and require success.
-    async fn exit_ok(mut self) {
-        let deadline = Instant::now() + PEER_WAIT;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                assert!(
-                    status.success(),
-                    "{} failed ({status}); stderr:\n{}",
-                    self.what,
-                    self.stderr()
-                );
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not exit within {PEER_WAIT:?}; stderr:\n{}",
-                self.what,
-                self.stderr()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
 }
 
 fn fmt_name(format: Format) -> &'static str {
@@ -250,10 +94,11 @@ async fn aio_pika_calls_kelp(test: &str, format: Format) {
         .unwrap();
     rpc.unregister(&idle).await.unwrap();
 
-    let mut peer = Peer::spawn(
+    let mut peer = Peer::script(
         &py,
         "rpc_peer.py",
         &["caller", &url, &method, fmt_name(format), "20"],
+        PEER_WAIT,
     );
     let report: Value = serde_json::from_str(&peer.line().await).unwrap();
     peer.exit_ok().await;
@@ -311,10 +156,11 @@ async fn kelp_calls_aio_pika(test: &str, format: Format) {
     };
     let (_conn, ch) = open(&url).await;
     let method = common::unique("kelp-to-py");
-    let mut peer = Peer::spawn(
+    let mut peer = Peer::script(
         &py,
         "rpc_peer.py",
         &["callee", &url, &method, fmt_name(format), "30"],
+        PEER_WAIT,
     );
     peer.ready().await;
 
@@ -423,10 +269,11 @@ async fn aio_pika_master_feeds_kelp(test: &str, format: Format) {
         })
         .await
         .unwrap();
-    let peer = Peer::spawn(
+    let peer = Peer::script(
         &py,
         "master_peer.py",
         &["master", &url, &queue, fmt_name(format), "5"],
+        PEER_WAIT,
     );
     peer.exit_ok().await;
     let mut got = Vec::new();
@@ -462,10 +309,11 @@ async fn kelp_master_feeds_aio_pika(test: &str, format: Format) {
     };
     let (_conn, ch) = open(&url).await;
     let queue = common::unique("kelp-tasks");
-    let mut peer = Peer::spawn(
+    let mut peer = Peer::script(
         &py,
         "master_peer.py",
         &["worker", &url, &queue, fmt_name(format), "6", "30"],
+        PEER_WAIT,
     );
     peer.ready().await;
     let master = Master::new(&ch, format);

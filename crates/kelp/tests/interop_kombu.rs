@@ -24,79 +24,37 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine as _;
+use common::python::{Peer, Python};
 use common::within;
 use kelp::amqp::{FieldTable, FieldValue};
 use kelp::{Channel, Connection, Consumer, Exchange, Message, Producer, PublishOptions, Queue};
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
 
 /// How long a peer may take to print a line or to exit.
 const PEER_WAIT: Duration = Duration::from_secs(30);
-const DEFAULT_PYTHON: &str = "/work/pyenv/bin/python";
 /// Everything kelp's consumers here accept (Kombu's defaults refuse pickle, yaml, msgpack).
 const ACCEPT: [&str; 5] = ["json", "msgpack", "yaml", "pickle", "application/data"];
 
-fn require() -> bool {
-    std::env::var("KELP_REQUIRE_BROKERS").as_deref() == Ok("1")
-}
+/// The Python with Kombu, and the compression methods its Kombu has.
+static PYTHON: Python<(String, Vec<String>)> =
+    Python::with("kombu", &["kombu_peer.py", "caps"], compression_methods);
 
-fn skip(test: &str, why: &str) {
-    let _ = writeln!(std::io::stderr(), "SKIP {test}: {why}");
-}
-
-fn script() -> String {
-    format!("{}/tests/python/kombu_peer.py", env!("CARGO_MANIFEST_DIR"))
-}
-
-/// The Python with Kombu and the compression methods its Kombu has, or `None` (after a SKIP
-/// line) when there is none.
-fn python(test: &str) -> Option<(String, Vec<String>)> {
-    static FOUND: OnceLock<Result<(String, Vec<String>), String>> = OnceLock::new();
-    let found = FOUND.get_or_init(|| {
-        let py = match std::env::var("KELP_PYTHON") {
-            Ok(p) if !p.is_empty() => p,
-            _ if std::path::Path::new(DEFAULT_PYTHON).exists() => DEFAULT_PYTHON.to_owned(),
-            _ => {
-                return Err(format!(
-                    "no Python with Kombu: set KELP_PYTHON (tried {DEFAULT_PYTHON})"
-                ))
-            }
-        };
-        match Command::new(&py).arg(script()).arg("caps").output() {
-            Ok(o) if o.status.success() => {
-                let caps: Value = serde_json::from_slice(&o.stdout)
-                    .map_err(|e| format!("kombu_peer.py caps printed no JSON: {e}"))?;
-                let methods = caps["compression"]
-                    .as_array()
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(|v| v.as_str().map(str::to_owned))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                Ok((py, methods))
-            }
-            Ok(o) => Err(format!(
-                "{py} cannot import kombu: {}",
-                String::from_utf8_lossy(&o.stderr).trim()
-            )),
-            Err(e) => Err(format!("cannot run {py}: {e}")),
-        }
-    });
-    match found {
-        Ok(v) => Some(v.clone()),
-        Err(why) if require() => panic!("{test}: {why} and KELP_REQUIRE_BROKERS=1"),
-        Err(why) => {
-            skip(test, why);
-            None
-        }
-    }
+/// The interpreter and the compression methods of `kombu_peer.py caps`'s report.
+fn compression_methods(py: String, caps: Vec<u8>) -> Result<(String, Vec<String>), String> {
+    let caps: Value = serde_json::from_slice(&caps)
+        .map_err(|e| format!("kombu_peer.py caps printed no JSON: {e}"))?;
+    let methods = caps["compression"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok((py, methods))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,7 +79,7 @@ async fn setup(test: &str, tr: Tr) -> Option<Env> {
         Tr::Amqp => common::amqp_url(test)?,
         Tr::Redis => common::redis_url(test)?,
     };
-    let (py, caps) = python(test)?;
+    let (py, caps) = PYTHON.find(test)?;
     let conn = within("connect", Connection::open(&url)).await.unwrap();
     let ch = within("channel", conn.channel()).await.unwrap();
     Some(Env {
@@ -188,7 +146,7 @@ impl Env {
         if spec.get("timeout").is_none() {
             spec["timeout"] = json!(20);
         }
-        Peer::spawn(&self.py, &spec.to_string())
+        Peer::script(&self.py, "kombu_peer.py", &[&spec.to_string()], PEER_WAIT)
     }
 
     async fn consumer(&self, q: &Queue) -> Consumer {
@@ -210,130 +168,6 @@ impl Env {
         }
         for ex in exchanges {
             let _ = within("exchange.delete", ex.delete(&self.ch, false)).await;
-        }
-    }
-}
-
-/// A Python peer: its stdout as lines, its stderr kept for failure messages, killed on drop.
-struct Peer {
-    child: Child,
-    lines: mpsc::UnboundedReceiver<String>,
-    stderr: Arc<Mutex<String>>,
-    what: String,
-}
-
-impl Peer {
-    fn spawn(python: &str, spec: &str) -> Peer {
-        let path = script();
-        let mut child = Command::new(python)
-            .arg(&path)
-            .arg(spec)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run {python} {path}: {e}"));
-        let (tx, lines) = mpsc::unbounded_channel();
-        let stdout = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let sink = stderr.clone();
-        let mut err = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = err.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
-        Peer {
-            child,
-            lines,
-            stderr,
-            what: format!("kombu_peer.py {spec}"),
-        }
-    }
-
-    fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
-    }
-
-    async fn line(&mut self) -> String {
-        match tokio::time::timeout(PEER_WAIT, self.lines.recv()).await {
-            Ok(Some(l)) => l,
-            Ok(None) => {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                panic!(
-                    "{} exited ({:?}) without the expected output; stderr:\n{}",
-                    self.what,
-                    self.child.try_wait(),
-                    self.stderr()
-                )
-            }
-            Err(_) => panic!(
-                "{} printed nothing within {PEER_WAIT:?}; stderr:\n{}",
-                self.what,
-                self.stderr()
-            ),
-        }
-    }
-
-    async fn ready(&mut self) {
-        let l = self.line().await;
-        assert_eq!(l, "READY", "{}: stderr:\n{}", self.what, self.stderr());
-    }
-
-    async fn json(&mut self) -> Value {
-        let l = self.line().await;
-        serde_json::from_str(&l).unwrap_or_else(|e| {
-            panic!(
-                "{}: not JSON ({e}): {l}\nstderr:\n{}",
-                self.what,
-                self.stderr()
-            )
-        })
-    }
-
-    async fn exit_ok(mut self) {
-        let deadline = Instant::now() + PEER_WAIT;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                assert!(
-                    status.success(),
-                    "{} failed ({status}); stderr:\n{}",
-                    self.what,
-                    self.stderr()
-                );
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not exit within {PEER_WAIT:?}; stderr:\n{}",
-                self.what,
-                self.stderr()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
         }
     }
 }
@@ -463,7 +297,7 @@ fn message_cells(env: &Env) -> Vec<Cell> {
         if env.caps.iter().any(|m| m == method) {
             add(method, Some("json"), Some(method), Some(header), false);
         } else {
-            skip(
+            common::skip(
                 &format!("{} [compression {method}]", env.test),
                 &format!("the venv's Kombu has no {method} ({needs})"),
             );

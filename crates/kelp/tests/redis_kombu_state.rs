@@ -9,33 +9,18 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::process::Command;
 use std::time::Duration;
 
+use common::python::{Peer, Python};
 use kelp::{Connection, DeliveryMode, Exchange, Producer, PublishOptions, Queue};
 use redis::AsyncCommands;
 
-/// A Python that has Kombu, or `None` with a SKIP line (a failure under
-/// `KELP_REQUIRE_BROKERS=1`).
-fn python() -> Option<String> {
-    let candidates = [
-        std::env::var("KELP_PYTHON").ok(),
-        Some("/work/pyenv/bin/python".to_owned()),
-    ];
-    for p in candidates.into_iter().flatten() {
-        let ok = std::process::Command::new(&p)
-            .args(["-c", "import kombu, redis"])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if ok {
-            return Some(p);
-        }
-    }
-    if std::env::var("KELP_REQUIRE_BROKERS").as_deref() == Ok("1") {
-        panic!("no Python with kombu and redis (set KELP_PYTHON) and KELP_REQUIRE_BROKERS=1");
-    }
-    eprintln!("SKIP redis_kombu_state: no Python with kombu (set KELP_PYTHON)");
-    None
-}
+/// The Python with Kombu and redis-py.
+static PYTHON: Python = Python::new("kombu and redis", &["-c", "import kombu, redis"]);
+
+/// How long the Kombu publish may take.
+const KOMBU_WAIT: Duration = Duration::from_secs(40);
 
 const KOMBU: &str = r#"
 import sys
@@ -106,28 +91,19 @@ async fn kelp_leaves_the_redis_state_kombu_leaves() {
     let Some(redis_url) = common::redis_url("redis_kombu_state") else {
         return;
     };
-    let Some(py) = python() else { return };
+    let Some(py) = PYTHON.find("redis_kombu_state") else {
+        return;
+    };
     let tag = common::unique("cmp");
     let (ex, q) = (format!("{tag}-ex"), format!("{tag}-q"));
     let names = [(ex.as_str(), "<EX>"), (q.as_str(), "<Q>")];
 
     let kombu_prefix = format!("{tag}-kombu:");
-    let out = tokio::task::spawn_blocking({
-        let (py, p, ex, q) = (py.clone(), kombu_prefix.clone(), ex.clone(), q.clone());
-        move || {
-            std::process::Command::new(py)
-                .args(["-c", KOMBU, &p, &ex, &q])
-                .output()
-        }
-    })
-    .await
-    .unwrap()
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "kombu: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let mut kombu = Command::new(py);
+    kombu.args(["-c", KOMBU, &kombu_prefix, &ex, &q]);
+    Peer::spawn(kombu, "kombu publish".into(), KOMBU_WAIT)
+        .exit_ok()
+        .await;
     let kombu = state(&kombu_prefix, &names).await;
 
     let kelp_prefix = format!("{tag}-kelp:");

@@ -1,5 +1,6 @@
 //! Shared by the conformance suite: which transports it runs on, unique names, timeouts and
-//! small helpers that keep the tests about behaviour rather than plumbing.
+//! small helpers that keep the tests about behaviour rather than plumbing. [`python`] finds and
+//! runs the Python peers of the interop tests.
 //!
 //! # Adding a transport
 //!
@@ -7,6 +8,8 @@
 //! print a SKIP line, or panic under `KELP_REQUIRE_BROKERS=1`) and add one line to the
 //! `define_transports!` call. Every conformance test then runs on it as `<test>::<name>`.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+pub mod python;
 
 use std::future::Future;
 use std::io::Write;
@@ -164,16 +167,26 @@ pub fn server_up(test: &str, what: &str, addr: &str) -> bool {
     if up {
         return true;
     }
-    if std::env::var("KELP_REQUIRE_BROKERS").as_deref() == Ok("1") {
+    if require_brokers() {
         panic!("{test}: no {what} at {addr} and KELP_REQUIRE_BROKERS=1");
     }
-    // Straight to the process's stderr: the test harness captures `eprintln!` of passing
-    // tests, and a skip must be seen.
-    let _ = writeln!(
-        std::io::stderr(),
-        "SKIP {test}: no broker at {addr} ({what} is not answering)"
+    skip(
+        test,
+        &format!("no broker at {addr} ({what} is not answering)"),
     );
     false
+}
+
+/// True under `KELP_REQUIRE_BROKERS=1` (CI): a missing broker or Python peer is a failure,
+/// not a skip.
+pub fn require_brokers() -> bool {
+    std::env::var("KELP_REQUIRE_BROKERS").as_deref() == Ok("1")
+}
+
+/// Print `SKIP {test}: {why}` where it is seen: straight to the process's stderr, as the test
+/// harness captures `eprintln!` of passing tests.
+pub fn skip(test: &str, why: &str) {
+    let _ = writeln!(std::io::stderr(), "SKIP {test}: {why}");
 }
 
 /// What a conformance test runs against.
