@@ -8,6 +8,7 @@ use bytes::Bytes;
 use kelp::amqp::BasicProperties;
 use kelp::{Connection, Consumer, DeliveryMode, Producer, PublishOptions, Queue};
 
+use crate::common::{ack_each, expect_body_bytes, queue_size};
 use crate::report::{Measurement, Timer};
 use crate::{fresh_queue_name, BenchResult, Opts, PAYLOAD, POLL_INTERVAL, PREFETCH};
 
@@ -60,20 +61,10 @@ pub async fn memory(count: u64) -> BenchResult<Measurement> {
         }
         Ok::<_, kelp::Error>(())
     });
-    let mut bytes = 0usize;
-    for _ in 0..count {
-        let mut msg = consumer
-            .next()
-            .await
-            .ok_or("kelp memory: consumer ended early")??;
-        bytes += msg.body().len();
-        msg.ack().await?;
-    }
+    let bytes = ack_each(&mut consumer, count, "kelp memory").await?;
     publishing.await??;
     let m = timer.stop(count)?;
-    if bytes as u64 != count * PAYLOAD.len() as u64 {
-        return Err(format!("kelp memory: {bytes} body bytes for {count} messages").into());
-    }
+    expect_body_bytes("kelp memory", bytes, count)?;
     conn.close().await?;
     Ok(m)
 }
@@ -114,13 +105,7 @@ fn transient() -> PublishOptions {
 /// Polls a passive declare until the broker reports `count` messages.
 async fn wait_enqueued(ch: &kelp::Channel, queue: &str, count: u64) -> BenchResult<()> {
     loop {
-        let got = u64::from(
-            Queue::new(queue)
-                .passive(true)
-                .declare(ch)
-                .await?
-                .message_count,
-        );
+        let got = queue_size(ch, queue).await?;
         if got == count {
             return Ok(());
         }
@@ -177,13 +162,7 @@ pub async fn amqp_consume(opts: &Opts) -> BenchResult<Measurement> {
     let cch = conn.channel().await?;
     let timer = Timer::start()?;
     let mut consumer = raw_consumer(&cch, &queue).await?;
-    for _ in 0..opts.count {
-        let mut msg = consumer
-            .next()
-            .await
-            .ok_or("kelp library: consumer ended early")??;
-        msg.ack().await?;
-    }
+    ack_each(&mut consumer, opts.count, "kelp library").await?;
     let m = timer.stop(opts.count)?;
     consumer.cancel().await?;
     Queue::new(queue.as_str()).delete(&ch, false, false).await?;

@@ -33,6 +33,7 @@
 //! tens of seconds; the sqlite ones write 100k messages to disk twice).
 
 mod amqprs_client;
+mod common;
 mod decode;
 #[cfg(feature = "kelp")]
 mod kelp_client;
@@ -55,7 +56,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
-use report::{format_line, format_overhead, format_ratio, Measurement, Timer};
+use common::block_on_timeout;
+use report::{format_line, format_ratio, Measurement, Timer};
 
 /// Errors inside the bench: anything, and sendable across tasks.
 pub type BenchError = Box<dyn std::error::Error + Send + Sync>;
@@ -75,26 +77,17 @@ const RUN_TIMEOUT: Duration = Duration::from_secs(600);
 const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 const DEFAULT_WINDOW: usize = 1000;
 
-const USAGE: &str = "\
+/// The usage text before the scenarios' lines.
+const USAGE_HEAD: &str = "\
 usage: kelp-bench <scenario> [--url URL] [--count N] [--clients kelp,lapin,amqprs] [--repeat R] [--window W]
 
 scenarios (default count):
-  publish   100-byte messages to a fresh queue, no confirms, until the broker holds all (100000)
-  confirm   the same in confirm mode, until all confirmed; W outstanding at most       (100000)
-  consume   prefill, then consume with prefetch 1000 and ack each                        (100000)
-  rpc       sequential request/reply round trips over two connections, p50/p99          (5000)
-  sink      publishes to a fake in-bench server in a child process, no broker          (1000000)
-  decode    a recorded stream of deliveries through each client's frame decoder        (1000000)
-  memory    Producer -> memory:// -> Consumer + ack (kelp's full API), beside tokio mpsc   (1000000)
-  library   publish and consume through kelp's Producer/Consumer (raw) vs kelp-amqp alone (100000)
-  recovery  restarts RabbitMQ N times: broker back -> first kelp delivery (restarts)    (10)
-  redis-publish  kelp redis:// Producer (64 in flight, and 1) vs Kombu, redis-benchmark (100000)
-  redis-consume  kelp redis:// Consumer, prefetch 100, ack each, vs Kombu, redis-benchmark (100000)
-  rpc-pattern    kelp's Rpc (JSON; result queue and direct reply-to) vs aio-pika JsonRPC,
-                 64 calls in flight and one at a time (p50)                           (10000)
-  sqlite-publish kelp sqlite:// Producer on a fresh temp file, 64 in flight and 1    (100000)
-  sqlite-consume kelp sqlite:// Consumer, prefetch 100, ack each, after a prefill    (100000)
-  all       every scenario above in turn except recovery, redis-*, rpc-pattern and sqlite-*
+";
+
+/// The usage text after the scenarios' lines. Its `all` line names every scenario `all`
+/// leaves out (by name, or as `<prefix>-*`).
+const USAGE_TAIL: &str =
+    "  all       every scenario above in turn except recovery, redis-*, rpc-pattern and sqlite-*
 
 options:
   --url URL        broker URL (default amqp://guest:guest@127.0.0.1:5672/%2f; redis-*
@@ -105,70 +98,185 @@ options:
   --repeat R       run each client R times and report the best (default 1)
   --window W       outstanding confirms in `confirm` (default 1000)";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Scenario {
-    Publish,
-    Confirm,
-    Consume,
-    Rpc,
-    Sink,
-    Decode,
-    Memory,
-    Library,
-    Recovery,
-    RedisPublish,
-    RedisConsume,
-    RpcPattern,
-    SqlitePublish,
-    SqliteConsume,
+/// The usage text: [`USAGE_HEAD`], each scenario's [`Scenario::usage`], [`USAGE_TAIL`].
+fn usage() -> String {
+    let mut text = USAGE_HEAD.to_owned();
+    for scenario in SCENARIOS {
+        text.push_str(scenario.usage);
+        text.push('\n');
+    }
+    text.push_str(USAGE_TAIL);
+    text
 }
 
-impl Scenario {
-    const ALL: [Self; 8] = [
-        Self::Publish,
-        Self::Confirm,
-        Self::Consume,
-        Self::Rpc,
-        Self::Sink,
-        Self::Decode,
-        Self::Memory,
-        Self::Library,
-    ];
+/// One scenario of the command line: one row of [`SCENARIOS`] is all there is to wiring one in
+/// (a row whose `run` needs the `kelp` feature wraps it in `kelp!`; one that `all` leaves out
+/// is also named in the `all` line of [`USAGE_TAIL`], which a test checks).
+#[derive(Debug)]
+struct Scenario {
+    /// Its name on the command line.
+    name: &'static str,
+    /// Its line(s) in the usage text, as printed: the name, what it does, the default count.
+    usage: &'static str,
+    /// `--count` when not given.
+    default_count: u64,
+    /// Whether `all` runs it.
+    in_all: bool,
+    /// Runs it: its `# …` header line, then its result lines.
+    run: fn(&Ctx<'_>) -> BenchResult<()>,
+}
 
-    fn name(self) -> &'static str {
-        match self {
-            Self::Publish => "publish",
-            Self::Confirm => "confirm",
-            Self::Consume => "consume",
-            Self::Rpc => "rpc",
-            Self::Sink => "sink",
-            Self::Decode => "decode",
-            Self::Memory => "memory",
-            Self::Library => "library",
-            Self::Recovery => "recovery",
-            Self::RedisPublish => "redis-publish",
-            Self::RedisConsume => "redis-consume",
-            Self::RpcPattern => "rpc-pattern",
-            Self::SqlitePublish => "sqlite-publish",
-            Self::SqliteConsume => "sqlite-consume",
+/// `$run` with the `kelp` feature; without it, `not_built` (and `$run` is not compiled).
+#[cfg(feature = "kelp")]
+macro_rules! kelp {
+    ($run:expr) => {
+        $run
+    };
+}
+
+/// `$run` with the `kelp` feature; without it, `not_built` (and `$run` is not compiled).
+#[cfg(not(feature = "kelp"))]
+macro_rules! kelp {
+    ($run:expr) => {
+        not_built
+    };
+}
+
+/// Every scenario, in the usage text's order (and, of those `all` runs, in the order it runs
+/// them).
+const SCENARIOS: &[Scenario] = &[
+    Scenario {
+        name: "publish",
+        usage: "  publish   100-byte messages to a fresh queue, no confirms, until the broker holds all (100000)",
+        default_count: 100_000,
+        in_all: true,
+        run: |ctx| per_client(ctx, Work::Publish),
+    },
+    Scenario {
+        name: "confirm",
+        usage: "  confirm   the same in confirm mode, until all confirmed; W outstanding at most       (100000)",
+        default_count: 100_000,
+        in_all: true,
+        run: |ctx| per_client(ctx, Work::Confirm),
+    },
+    Scenario {
+        name: "consume",
+        usage: "  consume   prefill, then consume with prefetch 1000 and ack each                        (100000)",
+        default_count: 100_000,
+        in_all: true,
+        run: |ctx| per_client(ctx, Work::Consume),
+    },
+    Scenario {
+        name: "rpc",
+        usage: "  rpc       sequential request/reply round trips over two connections, p50/p99          (5000)",
+        default_count: 5_000,
+        in_all: true,
+        run: |ctx| per_client(ctx, Work::Rpc),
+    },
+    Scenario {
+        name: "sink",
+        usage: "  sink      publishes to a fake in-bench server in a child process, no broker          (1000000)",
+        default_count: 1_000_000,
+        in_all: true,
+        run: |ctx| per_client(ctx, Work::Sink),
+    },
+    Scenario {
+        name: "decode",
+        usage: "  decode    a recorded stream of deliveries through each client's frame decoder        (1000000)",
+        default_count: 1_000_000,
+        in_all: true,
+        run: |ctx| per_client(ctx, Work::Decode),
+    },
+    Scenario {
+        name: "memory",
+        usage: "  memory    Producer -> memory:// -> Consumer + ack (kelp's full API), beside tokio mpsc   (1000000)",
+        default_count: 1_000_000,
+        in_all: true,
+        run: memory,
+    },
+    Scenario {
+        name: "library",
+        usage: "  library   publish and consume through kelp's Producer/Consumer (raw) vs kelp-amqp alone (100000)",
+        default_count: 100_000,
+        in_all: true,
+        run: library,
+    },
+    Scenario {
+        name: "recovery",
+        usage: "  recovery  restarts RabbitMQ N times: broker back -> first kelp delivery (restarts)    (10)",
+        default_count: 10,
+        in_all: false,
+        run: recovery,
+    },
+    Scenario {
+        name: "redis-publish",
+        usage: "  redis-publish  kelp redis:// Producer (64 in flight, and 1) vs Kombu, redis-benchmark (100000)",
+        default_count: 100_000,
+        in_all: false,
+        run: kelp!(|ctx| kelp_runs::redis(ctx, redis::Phase::Publish)),
+    },
+    Scenario {
+        name: "redis-consume",
+        usage: "  redis-consume  kelp redis:// Consumer, prefetch 100, ack each, vs Kombu, redis-benchmark (100000)",
+        default_count: 100_000,
+        in_all: false,
+        run: kelp!(|ctx| kelp_runs::redis(ctx, redis::Phase::Consume)),
+    },
+    Scenario {
+        name: "rpc-pattern",
+        usage: concat!(
+            "  rpc-pattern    kelp's Rpc (JSON; result queue and direct reply-to) vs aio-pika JsonRPC,\n",
+            "                 64 calls in flight and one at a time (p50)                           (10000)",
+        ),
+        default_count: 10_000,
+        in_all: false,
+        run: kelp!(kelp_runs::rpc_pattern),
+    },
+    Scenario {
+        name: "sqlite-publish",
+        usage: "  sqlite-publish kelp sqlite:// Producer on a fresh temp file, 64 in flight and 1    (100000)",
+        default_count: 100_000,
+        in_all: false,
+        run: kelp!(|ctx| kelp_runs::sqlite(ctx, sqlite::Phase::Publish)),
+    },
+    Scenario {
+        name: "sqlite-consume",
+        usage: "  sqlite-consume kelp sqlite:// Consumer, prefetch 100, ack each, after a prefill    (100000)",
+        default_count: 100_000,
+        in_all: false,
+        run: kelp!(|ctx| kelp_runs::sqlite(ctx, sqlite::Phase::Consume)),
+    },
+];
+
+/// The scenario called `name`.
+fn find_scenario(name: &str) -> Option<&'static Scenario> {
+    SCENARIOS.iter().find(|s| s.name == name)
+}
+
+/// What a scenario's run gets.
+#[derive(Debug)]
+struct Ctx<'a> {
+    rt: &'a tokio::runtime::Runtime,
+    cfg: &'a Config,
+    /// The scenario's name.
+    name: &'static str,
+    /// `--count`, else the scenario's default.
+    count: u64,
+}
+
+impl Ctx<'_> {
+    /// What each client run needs.
+    fn opts(&self) -> Opts {
+        Opts {
+            url: self.cfg.url.clone(),
+            count: self.count,
+            window: self.cfg.window,
         }
     }
 
-    fn default_count(self) -> u64 {
-        match self {
-            Self::Publish
-            | Self::Confirm
-            | Self::Consume
-            | Self::Library
-            | Self::RedisPublish
-            | Self::RedisConsume
-            | Self::SqlitePublish
-            | Self::SqliteConsume => 100_000,
-            Self::Rpc => 5_000,
-            Self::RpcPattern => 10_000,
-            Self::Sink | Self::Decode | Self::Memory => 1_000_000,
-            Self::Recovery => 10,
-        }
+    /// `<scenario> <who> …`, the result line of `m`.
+    fn line(&self, who: &str, m: &Measurement) {
+        println!("{}", format_line(self.name, who, m));
     }
 }
 
@@ -211,9 +319,9 @@ pub struct Opts {
     pub window: usize,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 struct Config {
-    scenarios: Vec<Scenario>,
+    scenarios: Vec<&'static Scenario>,
     url: String,
     count: Option<u64>,
     clients: Vec<Client>,
@@ -261,28 +369,20 @@ fn parse_args(args: &[String]) -> BenchResult<Option<Config>> {
                     .filter(|c| wanted.contains(c))
                     .collect();
             }
-            f if f.starts_with('-') => return Err(format!("unknown option {f}\n\n{USAGE}").into()),
+            f if f.starts_with('-') => {
+                return Err(format!("unknown option {f}\n\n{}", usage()).into())
+            }
             name if scenarios.is_none() => {
                 scenarios = Some(match name {
-                    "all" => Scenario::ALL.to_vec(),
-                    _ => vec![Scenario::ALL
-                        .into_iter()
-                        .chain([
-                            Scenario::Recovery,
-                            Scenario::RedisPublish,
-                            Scenario::RedisConsume,
-                            Scenario::RpcPattern,
-                            Scenario::SqlitePublish,
-                            Scenario::SqliteConsume,
-                        ])
-                        .find(|s| s.name() == name)
-                        .ok_or_else(|| format!("unknown scenario {name:?}\n\n{USAGE}"))?],
+                    "all" => SCENARIOS.iter().filter(|s| s.in_all).collect(),
+                    _ => vec![find_scenario(name)
+                        .ok_or_else(|| format!("unknown scenario {name:?}\n\n{}", usage()))?],
                 });
             }
             extra => return Err(format!("unexpected argument {extra:?}").into()),
         }
     }
-    cfg.scenarios = scenarios.ok_or(format!("no scenario given\n\n{USAGE}"))?;
+    cfg.scenarios = scenarios.ok_or_else(|| format!("no scenario given\n\n{}", usage()))?;
     Ok(Some(cfg))
 }
 
@@ -308,59 +408,52 @@ enum Outcome {
     Skipped(String),
 }
 
+/// What each client run of a per-client scenario does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Work {
+    Publish,
+    Confirm,
+    Consume,
+    Rpc,
+    Sink,
+    /// Not over the network: see [`decode_run`].
+    Decode,
+}
+
 /// One run of a scenario that goes over the network (broker or sink).
-async fn network_run(client: Client, scenario: Scenario, opts: &Opts) -> BenchResult<Outcome> {
-    let m = match (client, scenario) {
-        (Client::Kelp, _) => return kelp_network_run(scenario, opts).await,
-        (Client::Lapin, Scenario::Publish) => lapin_client::publish(opts, false).await?,
-        (Client::Lapin, Scenario::Confirm) => lapin_client::publish(opts, true).await?,
-        (Client::Lapin, Scenario::Consume) => lapin_client::consume(opts).await?,
-        (Client::Lapin, Scenario::Rpc) => lapin_client::rpc(opts).await?,
-        (Client::Lapin, Scenario::Sink) => lapin_client::sink(&opts.url, opts.count).await?,
-        (Client::Amqprs, Scenario::Publish) => amqprs_client::publish(opts, false).await?,
-        (Client::Amqprs, Scenario::Confirm) => amqprs_client::publish(opts, true).await?,
-        (Client::Amqprs, Scenario::Consume) => amqprs_client::consume(opts).await?,
-        (Client::Amqprs, Scenario::Rpc) => amqprs_client::rpc(opts).await?,
-        (Client::Amqprs, Scenario::Sink) => amqprs_client::sink(&opts.url, opts.count).await?,
-        (
-            _,
-            Scenario::Decode
-            | Scenario::Memory
-            | Scenario::Library
-            | Scenario::Recovery
-            | Scenario::RedisPublish
-            | Scenario::RedisConsume
-            | Scenario::RpcPattern
-            | Scenario::SqlitePublish
-            | Scenario::SqliteConsume,
-        ) => return Err("not a per-client scenario".into()),
+async fn network_run(client: Client, work: Work, opts: &Opts) -> BenchResult<Outcome> {
+    let m = match (client, work) {
+        (Client::Kelp, _) => return kelp_network_run(work, opts).await,
+        (Client::Lapin, Work::Publish) => lapin_client::publish(opts, false).await?,
+        (Client::Lapin, Work::Confirm) => lapin_client::publish(opts, true).await?,
+        (Client::Lapin, Work::Consume) => lapin_client::consume(opts).await?,
+        (Client::Lapin, Work::Rpc) => lapin_client::rpc(opts).await?,
+        (Client::Lapin, Work::Sink) => lapin_client::sink(&opts.url, opts.count).await?,
+        (Client::Amqprs, Work::Publish) => amqprs_client::publish(opts, false).await?,
+        (Client::Amqprs, Work::Confirm) => amqprs_client::publish(opts, true).await?,
+        (Client::Amqprs, Work::Consume) => amqprs_client::consume(opts).await?,
+        (Client::Amqprs, Work::Rpc) => amqprs_client::rpc(opts).await?,
+        (Client::Amqprs, Work::Sink) => amqprs_client::sink(&opts.url, opts.count).await?,
+        (_, Work::Decode) => return Err("not a network scenario".into()),
     };
     Ok(Outcome::Done(m))
 }
 
 #[cfg(feature = "kelp")]
-async fn kelp_network_run(scenario: Scenario, opts: &Opts) -> BenchResult<Outcome> {
-    let m = match scenario {
-        Scenario::Publish => kelp_client::publish(opts, false).await?,
-        Scenario::Confirm => kelp_client::publish(opts, true).await?,
-        Scenario::Consume => kelp_client::consume(opts).await?,
-        Scenario::Rpc => kelp_client::rpc(opts).await?,
-        Scenario::Sink => kelp_client::sink(&opts.url, opts.count).await?,
-        Scenario::Decode
-        | Scenario::Memory
-        | Scenario::Library
-        | Scenario::Recovery
-        | Scenario::RedisPublish
-        | Scenario::RedisConsume
-        | Scenario::RpcPattern
-        | Scenario::SqlitePublish
-        | Scenario::SqliteConsume => return Err("not a per-client scenario".into()),
+async fn kelp_network_run(work: Work, opts: &Opts) -> BenchResult<Outcome> {
+    let m = match work {
+        Work::Publish => kelp_client::publish(opts, false).await?,
+        Work::Confirm => kelp_client::publish(opts, true).await?,
+        Work::Consume => kelp_client::consume(opts).await?,
+        Work::Rpc => kelp_client::rpc(opts).await?,
+        Work::Sink => kelp_client::sink(&opts.url, opts.count).await?,
+        Work::Decode => return Err("not a network scenario".into()),
     };
     Ok(Outcome::Done(m))
 }
 
 #[cfg(not(feature = "kelp"))]
-async fn kelp_network_run(_: Scenario, _: &Opts) -> BenchResult<Outcome> {
+async fn kelp_network_run(_: Work, _: &Opts) -> BenchResult<Outcome> {
     Ok(Outcome::Skipped(KELP_NOT_BUILT.to_owned()))
 }
 
@@ -403,249 +496,32 @@ fn decode_run(client: Client, stream: &Bytes, count: u64) -> BenchResult<Outcome
     Ok(Outcome::Done(m))
 }
 
-/// Best of `repeat` runs of `f`, under the run timeout.
-fn best_of<F, Fut>(
-    rt: &tokio::runtime::Runtime,
-    repeat: usize,
-    mut f: F,
-) -> BenchResult<Measurement>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = BenchResult<Measurement>>,
-{
-    let mut runs = Vec::with_capacity(repeat);
-    for _ in 0..repeat {
-        let m = rt.block_on(async {
-            match tokio::time::timeout(RUN_TIMEOUT, f()).await {
-                Ok(m) => m,
-                Err(_) => Err(format!("timed out after {RUN_TIMEOUT:?}").into()),
-            }
-        })?;
-        runs.push(m);
-    }
-    Measurement::best(runs).ok_or_else(|| "no runs".into())
-}
-
-/// `memory` and `library`: kelp's own layers against their references.
-#[cfg(feature = "kelp")]
-fn run_library_scenario(
-    rt: &tokio::runtime::Runtime,
-    scenario: Scenario,
-    cfg: &Config,
-    count: u64,
-) -> BenchResult<()> {
-    let opts = Opts {
-        url: cfg.url.clone(),
-        count,
-        window: cfg.window,
-    };
-    let line = |name: &str, m: &Measurement| println!("{}", format_line(scenario.name(), name, m));
-    match scenario {
-        Scenario::Memory => {
-            // In-process work: one thread, no cross-thread wakeups (for both lines). On two
-            // worker threads kelp is slower (~1.7 µs/msg cpu against ~0.9): the broker mutex
-            // and the wakeups cross threads.
-            let local = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            let kelp = best_of(&local, cfg.repeat, || library::memory(count))?;
-            let mpsc = best_of(&local, cfg.repeat, || library::mpsc(count))?;
-            line("kelp", &kelp);
-            line("tokio-mpsc", &mpsc);
-            println!("{}", format_ratio("kelp", &kelp, "tokio-mpsc", &mpsc));
-        }
-        _ => {
-            // Library and kelp-amqp runs alternate, so both see the same broker and machine.
-            let (mut lib_pub, mut raw_pub) = (Vec::new(), Vec::new());
-            let (mut lib_con, mut raw_con) = (Vec::new(), Vec::new());
-            for _ in 0..cfg.repeat {
-                lib_pub.push(best_of(rt, 1, || library::amqp_publish(&opts))?);
-                raw_pub.push(best_of(rt, 1, || kelp_client::publish(&opts, false))?);
-            }
-            for _ in 0..cfg.repeat {
-                lib_con.push(best_of(rt, 1, || library::amqp_consume(&opts))?);
-                raw_con.push(best_of(rt, 1, || kelp_client::consume(&opts))?);
-            }
-            // Best wall time and least CPU of the R runs of each: see `Measurement::best_each`.
-            let best = |runs: Vec<Measurement>| Measurement::best_each(&runs).ok_or("no runs");
-            let (lib_pub, raw_pub) = (best(lib_pub)?, best(raw_pub)?);
-            line("kelp-lib-publish", &lib_pub);
-            line("kelp-amqp-publish", &raw_pub);
-            println!("{}", format_overhead("publish", &lib_pub, &raw_pub));
-            let (lib_con, raw_con) = (best(lib_con)?, best(raw_con)?);
-            line("kelp-lib-consume", &lib_con);
-            line("kelp-amqp-consume", &raw_con);
-            println!("{}", format_overhead("consume", &lib_con, &raw_con));
-        }
-    }
-    Ok(())
-}
-
+/// A scenario that needs the `kelp` feature, in a build without it.
 #[cfg(not(feature = "kelp"))]
-fn run_library_scenario(
-    _: &tokio::runtime::Runtime,
-    _: Scenario,
-    _: &Config,
-    _: u64,
-) -> BenchResult<()> {
+fn not_built(_: &Ctx<'_>) -> BenchResult<()> {
     println!("{KELP_NOT_BUILT}");
     Ok(())
 }
 
-/// `recovery`: `count` broker restarts.
-#[cfg(feature = "kelp")]
-fn run_recovery_scenario(
-    rt: &tokio::runtime::Runtime,
-    cfg: &Config,
-    count: u64,
-) -> BenchResult<()> {
-    let line = rt.block_on(async {
-        match tokio::time::timeout(RUN_TIMEOUT, recovery::recovery(&cfg.url, count)).await {
-            Ok(line) => line,
-            Err(_) => Err(format!("timed out after {RUN_TIMEOUT:?}").into()),
-        }
-    })?;
-    println!("{line}");
-    Ok(())
-}
-
-#[cfg(not(feature = "kelp"))]
-fn run_recovery_scenario(_: &tokio::runtime::Runtime, _: &Config, _: u64) -> BenchResult<()> {
-    println!("{KELP_NOT_BUILT}");
-    Ok(())
-}
-
-/// `redis-publish` / `redis-consume`: kelp's `redis://` transport vs Kombu's.
-#[cfg(feature = "kelp")]
-fn run_redis_scenario(
-    rt: &tokio::runtime::Runtime,
-    scenario: Scenario,
-    cfg: &Config,
-    count: u64,
-) -> BenchResult<()> {
-    let phase = match scenario {
-        Scenario::RedisConsume => redis::Phase::Consume,
-        _ => redis::Phase::Publish,
-    };
-    let url = redis::redis_url(&cfg.url);
-    println!(
-        "# {}: {count} x {MSG_SIZE} B per run, best of {} ({url}; cpu is each client \
-         process's own, not Redis's)",
-        scenario.name(),
-        cfg.repeat
-    );
-    redis::run(rt, phase, &url, count, cfg.repeat, RUN_TIMEOUT)
-}
-
-#[cfg(not(feature = "kelp"))]
-fn run_redis_scenario(
-    _: &tokio::runtime::Runtime,
-    _: Scenario,
-    _: &Config,
-    _: u64,
-) -> BenchResult<()> {
-    println!("{KELP_NOT_BUILT}");
-    Ok(())
-}
-
-/// `rpc-pattern`: kelp's RPC pattern vs aio-pika's.
-#[cfg(feature = "kelp")]
-fn run_rpc_pattern_scenario(
-    rt: &tokio::runtime::Runtime,
-    cfg: &Config,
-    count: u64,
-) -> BenchResult<()> {
-    println!(
-        "# rpc-pattern: {count} JSON calls per run ({} in flight, then one at a time), best of \
-         {}; callee and caller in one process on two connections to {}; cpu is that process's \
-         (both sides), not the broker's",
-        rpc_pattern::WINDOW,
-        cfg.repeat,
-        cfg.url
-    );
-    rpc_pattern::run(rt, &cfg.url, count, cfg.repeat, RUN_TIMEOUT)
-}
-
-#[cfg(not(feature = "kelp"))]
-fn run_rpc_pattern_scenario(_: &tokio::runtime::Runtime, _: &Config, _: u64) -> BenchResult<()> {
-    println!("{KELP_NOT_BUILT}");
-    Ok(())
-}
-
-/// `sqlite-publish` / `sqlite-consume`: kelp's embedded `sqlite://` transport.
-#[cfg(feature = "kelp")]
-fn run_sqlite_scenario(
-    rt: &tokio::runtime::Runtime,
-    scenario: Scenario,
-    cfg: &Config,
-    count: u64,
-) -> BenchResult<()> {
-    let phase = match scenario {
-        Scenario::SqliteConsume => sqlite::Phase::Consume,
-        _ => sqlite::Phase::Publish,
-    };
-    println!("{}", sqlite::header(phase, count, cfg.repeat));
-    sqlite::run(rt, phase, count, cfg.repeat, RUN_TIMEOUT)
-}
-
-#[cfg(not(feature = "kelp"))]
-fn run_sqlite_scenario(
-    _: &tokio::runtime::Runtime,
-    _: Scenario,
-    _: &Config,
-    _: u64,
-) -> BenchResult<()> {
-    println!("{KELP_NOT_BUILT}");
-    Ok(())
-}
-
-fn run_scenario(rt: &tokio::runtime::Runtime, scenario: Scenario, cfg: &Config) -> BenchResult<()> {
-    let count = cfg.count.unwrap_or(scenario.default_count());
-    if scenario == Scenario::RpcPattern {
-        return run_rpc_pattern_scenario(rt, cfg, count);
-    }
-    if matches!(scenario, Scenario::SqlitePublish | Scenario::SqliteConsume) {
-        return run_sqlite_scenario(rt, scenario, cfg, count);
-    }
-    if matches!(scenario, Scenario::RedisPublish | Scenario::RedisConsume) {
-        return run_redis_scenario(rt, scenario, cfg, count);
-    }
-    if scenario == Scenario::Recovery {
-        println!("# recovery: {count} RabbitMQ restarts (rabbitmqctl stop_app / start_app)");
-        return run_recovery_scenario(rt, cfg, count);
-    }
-    if matches!(scenario, Scenario::Memory | Scenario::Library) {
-        let best = match scenario {
-            Scenario::Library => "least wall and least cpu",
-            _ => "best",
-        };
-        println!(
-            "# {}: {count} x {MSG_SIZE} B per run, {best} of {}",
-            scenario.name(),
-            cfg.repeat
-        );
-        return run_library_scenario(rt, scenario, cfg, count);
-    }
-    let mut opts = Opts {
-        url: cfg.url.clone(),
-        count,
-        window: cfg.window,
-    };
-    let mut sink = match scenario {
-        Scenario::Sink => {
+/// The per-client scenarios: each of `--clients` in turn, `--repeat` runs each, then the
+/// ratios of kelp-amqp to the others.
+fn per_client(ctx: &Ctx<'_>, work: Work) -> BenchResult<()> {
+    let (scenario, count, cfg) = (ctx.name, ctx.count, ctx.cfg);
+    let mut opts = ctx.opts();
+    let mut sink = match work {
+        Work::Sink => {
             let server = sink::SinkProcess::spawn()?;
             opts.url = server.url();
             Some(server)
         }
         _ => None,
     };
-    let stream = match scenario {
-        Scenario::Decode => Some(decode::record_deliveries(usize::try_from(count)?)),
+    let stream = match work {
+        Work::Decode => Some(decode::record_deliveries(usize::try_from(count)?)),
         _ => None,
     };
     println!(
-        "# {}: {count} x {MSG_SIZE} B per client run, best of {}",
-        scenario.name(),
+        "# {scenario}: {count} x {MSG_SIZE} B per client run, best of {}",
         cfg.repeat
     );
 
@@ -655,14 +531,7 @@ fn run_scenario(rt: &tokio::runtime::Runtime, scenario: Scenario, cfg: &Config) 
         for _ in 0..cfg.repeat {
             let outcome = match &stream {
                 Some(stream) => decode_run(client, stream, count),
-                None => rt.block_on(async {
-                    match tokio::time::timeout(RUN_TIMEOUT, network_run(client, scenario, &opts))
-                        .await
-                    {
-                        Ok(outcome) => outcome,
-                        Err(_) => Err(format!("timed out after {RUN_TIMEOUT:?}").into()),
-                    }
-                }),
+                None => block_on_timeout(ctx.rt, RUN_TIMEOUT, network_run(client, work, &opts)),
             };
             let outcome = outcome.and_then(|outcome| {
                 if let (Some(server), Outcome::Done(_)) = (&mut sink, &outcome) {
@@ -670,8 +539,7 @@ fn run_scenario(rt: &tokio::runtime::Runtime, scenario: Scenario, cfg: &Config) 
                 }
                 Ok(outcome)
             });
-            let outcome =
-                outcome.map_err(|e| format!("{} {}: {e}", scenario.name(), client.name()))?;
+            let outcome = outcome.map_err(|e| format!("{scenario} {}: {e}", client.name()))?;
             match outcome {
                 Outcome::Done(m) => runs.push(m),
                 Outcome::Skipped(why) => {
@@ -681,7 +549,7 @@ fn run_scenario(rt: &tokio::runtime::Runtime, scenario: Scenario, cfg: &Config) 
             }
         }
         if let Some(best) = Measurement::best(runs) {
-            println!("{}", format_line(scenario.name(), client.name(), &best));
+            ctx.line(client.name(), &best);
             results.push((client, best));
         }
     }
@@ -697,25 +565,167 @@ fn run_scenario(rt: &tokio::runtime::Runtime, scenario: Scenario, cfg: &Config) 
     Ok(())
 }
 
+/// `# memory|library: <count> x 100 B per run, <best> of <repeat>`.
+fn per_run_header(ctx: &Ctx<'_>, best: &str) {
+    println!(
+        "# {}: {} x {MSG_SIZE} B per run, {best} of {}",
+        ctx.name, ctx.count, ctx.cfg.repeat
+    );
+}
+
+/// `memory`: kelp's Producer → `memory://` → Consumer beside a tokio mpsc pass-through.
+fn memory(ctx: &Ctx<'_>) -> BenchResult<()> {
+    per_run_header(ctx, "best");
+    kelp!(kelp_runs::memory)(ctx)
+}
+
+/// `library`: kelp's Producer / Consumer against kelp-amqp alone, on the broker.
+fn library(ctx: &Ctx<'_>) -> BenchResult<()> {
+    per_run_header(ctx, "least wall and least cpu");
+    kelp!(kelp_runs::library)(ctx)
+}
+
+/// `recovery`: `count` broker restarts.
+fn recovery(ctx: &Ctx<'_>) -> BenchResult<()> {
+    println!(
+        "# recovery: {} RabbitMQ restarts (rabbitmqctl stop_app / start_app)",
+        ctx.count
+    );
+    kelp!(kelp_runs::recovery)(ctx)
+}
+
+/// The scenarios that measure the `kelp` library (built with the `kelp` feature).
+#[cfg(feature = "kelp")]
+mod kelp_runs {
+    use super::*;
+    use crate::common::repeat_runs;
+    use crate::report::format_overhead;
+
+    /// Best of `repeat` runs of `f`, under the run timeout.
+    fn best_of<F, Fut>(
+        rt: &tokio::runtime::Runtime,
+        repeat: usize,
+        f: F,
+    ) -> BenchResult<Measurement>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = BenchResult<Measurement>>,
+    {
+        Measurement::best(repeat_runs(rt, repeat, RUN_TIMEOUT, f)?).ok_or_else(|| "no runs".into())
+    }
+
+    /// `memory`: kelp and the mpsc reference, then their ratio.
+    pub fn memory(ctx: &Ctx<'_>) -> BenchResult<()> {
+        // In-process work: one thread, no cross-thread wakeups (for both lines). On two
+        // worker threads kelp is slower (~1.7 µs/msg cpu against ~0.9): the broker mutex
+        // and the wakeups cross threads.
+        let local = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let count = ctx.count;
+        let kelp = best_of(&local, ctx.cfg.repeat, || library::memory(count))?;
+        let mpsc = best_of(&local, ctx.cfg.repeat, || library::mpsc(count))?;
+        ctx.line("kelp", &kelp);
+        ctx.line("tokio-mpsc", &mpsc);
+        println!("{}", format_ratio("kelp", &kelp, "tokio-mpsc", &mpsc));
+        Ok(())
+    }
+
+    /// `library`: publish and consume through the library and through kelp-amqp alone, then
+    /// the library's overhead.
+    pub fn library(ctx: &Ctx<'_>) -> BenchResult<()> {
+        let (rt, opts) = (ctx.rt, ctx.opts());
+        // Library and kelp-amqp runs alternate, so both see the same broker and machine.
+        let (mut lib_pub, mut raw_pub) = (Vec::new(), Vec::new());
+        let (mut lib_con, mut raw_con) = (Vec::new(), Vec::new());
+        for _ in 0..ctx.cfg.repeat {
+            lib_pub.push(best_of(rt, 1, || library::amqp_publish(&opts))?);
+            raw_pub.push(best_of(rt, 1, || kelp_client::publish(&opts, false))?);
+        }
+        for _ in 0..ctx.cfg.repeat {
+            lib_con.push(best_of(rt, 1, || library::amqp_consume(&opts))?);
+            raw_con.push(best_of(rt, 1, || kelp_client::consume(&opts))?);
+        }
+        // Best wall time and least CPU of the R runs of each: see `Measurement::best_each`.
+        let best = |runs: Vec<Measurement>| Measurement::best_each(&runs).ok_or("no runs");
+        let (lib_pub, raw_pub) = (best(lib_pub)?, best(raw_pub)?);
+        ctx.line("kelp-lib-publish", &lib_pub);
+        ctx.line("kelp-amqp-publish", &raw_pub);
+        println!("{}", format_overhead("publish", &lib_pub, &raw_pub));
+        let (lib_con, raw_con) = (best(lib_con)?, best(raw_con)?);
+        ctx.line("kelp-lib-consume", &lib_con);
+        ctx.line("kelp-amqp-consume", &raw_con);
+        println!("{}", format_overhead("consume", &lib_con, &raw_con));
+        Ok(())
+    }
+
+    /// `recovery`: the restarts and their result line.
+    pub fn recovery(ctx: &Ctx<'_>) -> BenchResult<()> {
+        let line = block_on_timeout(
+            ctx.rt,
+            RUN_TIMEOUT,
+            recovery::recovery(&ctx.cfg.url, ctx.count),
+        )?;
+        println!("{line}");
+        Ok(())
+    }
+
+    /// `redis-publish` / `redis-consume`: kelp's `redis://` transport vs Kombu's.
+    pub fn redis(ctx: &Ctx<'_>, phase: redis::Phase) -> BenchResult<()> {
+        let url = redis::redis_url(&ctx.cfg.url);
+        println!(
+            "# {}: {} x {MSG_SIZE} B per run, best of {} ({url}; cpu is each client \
+             process's own, not Redis's)",
+            ctx.name, ctx.count, ctx.cfg.repeat
+        );
+        redis::run(ctx.rt, phase, &url, ctx.count, ctx.cfg.repeat, RUN_TIMEOUT)
+    }
+
+    /// `rpc-pattern`: kelp's RPC pattern vs aio-pika's.
+    pub fn rpc_pattern(ctx: &Ctx<'_>) -> BenchResult<()> {
+        println!(
+            "# rpc-pattern: {} JSON calls per run ({} in flight, then one at a time), best of \
+             {}; callee and caller in one process on two connections to {}; cpu is that \
+             process's (both sides), not the broker's",
+            ctx.count,
+            rpc_pattern::WINDOW,
+            ctx.cfg.repeat,
+            ctx.cfg.url
+        );
+        rpc_pattern::run(ctx.rt, &ctx.cfg.url, ctx.count, ctx.cfg.repeat, RUN_TIMEOUT)
+    }
+
+    /// `sqlite-publish` / `sqlite-consume`: kelp's embedded `sqlite://` transport.
+    pub fn sqlite(ctx: &Ctx<'_>, phase: sqlite::Phase) -> BenchResult<()> {
+        println!("{}", sqlite::header(phase, ctx.count, ctx.cfg.repeat));
+        sqlite::run(ctx.rt, phase, ctx.count, ctx.cfg.repeat, RUN_TIMEOUT)
+    }
+}
+
 fn run(args: &[String]) -> BenchResult<()> {
     if args.first().map(String::as_str) == Some(sink::SUBCOMMAND) {
         return sink::serve_forever();
     }
     let Some(cfg) = parse_args(args)? else {
-        println!("{USAGE}");
+        println!("{}", usage());
         return Ok(());
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    for &scenario in &cfg.scenarios {
-        run_scenario(&rt, scenario, &cfg)?;
+    for scenario in &cfg.scenarios {
+        let ctx = Ctx {
+            rt: &rt,
+            cfg: &cfg,
+            name: scenario.name,
+            count: cfg.count.unwrap_or(scenario.default_count),
+        };
+        (scenario.run)(&ctx)?;
     }
     Ok(())
 }
 
-/// `main`'s error: shown with `Display` (the `Termination` impl prints errors with `Debug`).
 struct Failure(BenchError);
 
 impl std::fmt::Debug for Failure {
@@ -745,22 +755,29 @@ mod tests {
         s.split_whitespace().map(str::to_owned).collect()
     }
 
+    fn names(cfg: &Config) -> Vec<&'static str> {
+        cfg.scenarios.iter().map(|s| s.name).collect()
+    }
+
     #[test]
     fn parses_flags_and_orders_clients() -> BenchResult<()> {
         let cfg = parse_args(&args(
             "rpc --clients amqprs,kelp --count=10 --repeat 3 --url amqp://x",
         ))?
         .ok_or("help")?;
-        assert_eq!(cfg.scenarios, [Scenario::Rpc]);
+        assert_eq!(names(&cfg), ["rpc"]);
         assert_eq!(cfg.clients, [Client::Kelp, Client::Amqprs]);
         assert_eq!(
             (cfg.count, cfg.repeat, cfg.url.as_str()),
             (Some(10), 3, "amqp://x")
         );
         let all = parse_args(&args("all"))?.ok_or("help")?;
-        assert_eq!(all.scenarios.len(), 8);
+        assert_eq!(
+            names(&all),
+            ["publish", "confirm", "consume", "rpc", "sink", "decode", "memory", "library"]
+        );
         assert_eq!(all.clients, Client::ALL);
-        assert_eq!(parse_args(&args("--help"))?, None);
+        assert!(parse_args(&args("--help"))?.is_none());
         assert!(parse_args(&args("")).is_err());
         assert!(parse_args(&args("nope")).is_err());
         assert!(parse_args(&args("publish --clients rabbit")).is_err());
@@ -770,17 +787,55 @@ mod tests {
 
     #[test]
     fn parses_rpc_pattern_and_sqlite_outside_all() -> BenchResult<()> {
-        for (name, scenario, count) in [
-            ("rpc-pattern", Scenario::RpcPattern, 10_000),
-            ("sqlite-publish", Scenario::SqlitePublish, 100_000),
-            ("sqlite-consume", Scenario::SqliteConsume, 100_000),
+        for (name, count) in [
+            ("rpc-pattern", 10_000),
+            ("sqlite-publish", 100_000),
+            ("sqlite-consume", 100_000),
         ] {
             let cfg = parse_args(&args(name))?.ok_or("help")?;
-            assert_eq!(cfg.scenarios, [scenario]);
-            assert_eq!(scenario.default_count(), count);
-            assert!(!Scenario::ALL.contains(&scenario));
+            assert_eq!(names(&cfg), [name]);
+            let scenario = find_scenario(name).ok_or(name)?;
+            assert_eq!(scenario.default_count, count);
+            assert!(!scenario.in_all);
         }
         Ok(())
+    }
+
+    /// Each row's usage line(s) name the scenario and end with its default count; names are
+    /// unique and none is `all`.
+    #[test]
+    fn scenario_table_is_consistent() {
+        let text = usage();
+        for (i, s) in SCENARIOS.iter().enumerate() {
+            let first = s.usage.lines().next().unwrap_or_default();
+            let last = s.usage.lines().last().unwrap_or_default();
+            assert!(first.starts_with(&format!("  {} ", s.name)), "{first:?}");
+            assert!(
+                last.ends_with(&format!(" ({})", s.default_count)),
+                "{last:?}"
+            );
+            assert!(text.contains(&format!("{}\n", s.usage)), "{}", s.name);
+            assert_ne!(s.name, "all");
+            assert!(
+                SCENARIOS[..i].iter().all(|t| t.name != s.name),
+                "{}",
+                s.name
+            );
+        }
+        assert!(text.starts_with("usage: kelp-bench <scenario> "));
+        let all = USAGE_TAIL.lines().next().unwrap_or_default();
+        for s in SCENARIOS.iter().filter(|s| !s.in_all) {
+            let glob = s
+                .name
+                .split_once('-')
+                .map(|(prefix, _)| format!("{prefix}-*"));
+            assert!(
+                all.contains(s.name) || glob.is_some_and(|g| all.contains(&g)),
+                "{} is not named in {all:?}",
+                s.name
+            );
+        }
+        assert!(text.ends_with("outstanding confirms in `confirm` (default 1000)"));
     }
 
     #[test]

@@ -18,15 +18,17 @@
 //! is there) shows the Redis commands kelp sent per message and the server time they took.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use futures_util::stream::{FuturesUnordered, StreamExt};
-use kelp::{Connection, Consumer, Producer, PublishOptions, Queue};
+use kelp::{Connection, Producer, Queue};
 
+use crate::common::{
+    ack_each, expect_body_bytes, expect_size, json_number, json_string, publish_all, python_with,
+    queue_consumer, ratio_goal_note, repeat_runs, run_script, DEFAULT_PYTHON,
+};
 use crate::report::{format_line, format_ratio, Measurement, Timer};
-use crate::{fresh_queue_name, BenchResult, MSG_SIZE, PAYLOAD};
+use crate::{fresh_queue_name, BenchResult, MSG_SIZE};
 
 /// The Redis server when `--url` is not a `redis://` URL.
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/0";
@@ -36,8 +38,6 @@ pub const PREFETCH: u16 = 100;
 pub const WINDOW: usize = 64;
 /// The headline goal: kelp at least this many times Kombu's msg/s.
 const GOAL: f64 = 10.0;
-/// Python with Kombu when `$KELP_PYTHON` is not set.
-const DEFAULT_PYTHON: &str = "/work/pyenv/bin/python";
 /// Bounds the Kombu run's consume loop (seconds).
 const KOMBU_TIMEOUT_SECS: u64 = 600;
 
@@ -65,42 +65,6 @@ pub fn redis_url(url: &str) -> String {
     } else {
         DEFAULT_REDIS_URL.to_owned()
     }
-}
-
-/// Publish `count` bodies with at most `window` publishes in flight.
-async fn publish_all(producer: &Producer, count: u64, window: usize) -> BenchResult<()> {
-    let mut in_flight = FuturesUnordered::new();
-    for _ in 0..count {
-        if in_flight.len() >= window {
-            if let Some(done) = in_flight.next().await {
-                done?;
-            }
-        }
-        in_flight.push(producer.publish(&PAYLOAD[..], PublishOptions::default()));
-    }
-    while let Some(done) = in_flight.next().await {
-        done?;
-    }
-    Ok(())
-}
-
-/// Messages in `queue` now.
-async fn queue_size(ch: &kelp::Channel, queue: &str) -> BenchResult<u64> {
-    Ok(u64::from(
-        Queue::new(queue)
-            .passive(true)
-            .declare(ch)
-            .await?
-            .message_count,
-    ))
-}
-
-async fn expect_size(ch: &kelp::Channel, queue: &str, count: u64) -> BenchResult<()> {
-    let got = queue_size(ch, queue).await?;
-    if got != count {
-        return Err(format!("queue {queue} holds {got} messages, expected {count}").into());
-    }
-    Ok(())
 }
 
 /// Delete `queue`; if that fails, purge it (its list is then gone: Redis drops empty lists).
@@ -232,25 +196,11 @@ async fn kelp_consume(url: &str, count: u64) -> BenchResult<KelpRun> {
     let cch = conn.channel().await?;
     let before = command_stats(url);
     let timer = Timer::start()?;
-    let mut consumer = Consumer::builder(&cch)
-        .queue(Queue::new(queue.as_str()).no_declare(true))
-        .prefetch_count(PREFETCH)
-        .build()
-        .await?;
-    let mut bytes = 0usize;
-    for _ in 0..count {
-        let mut msg = consumer
-            .next()
-            .await
-            .ok_or("kelp redis: consumer ended early")??;
-        bytes += msg.body().len();
-        msg.ack().await?;
-    }
+    let mut consumer = queue_consumer(&cch, &queue, PREFETCH).await?;
+    let bytes = ack_each(&mut consumer, count, "kelp redis").await?;
     let m = timer.stop(count)?;
     let run = with_stats(url, "redis-consume", "kelp", count, m, before);
-    if bytes as u64 != count * MSG_SIZE as u64 {
-        return Err(format!("kelp redis: {bytes} body bytes for {count} messages").into());
-    }
+    expect_body_bytes("kelp redis", bytes, count)?;
     consumer.cancel().await?;
     remove_queue(&ch, &queue).await?;
     conn.close().await?;
@@ -262,25 +212,15 @@ fn kelp_best<F, Fut>(
     rt: &tokio::runtime::Runtime,
     repeat: usize,
     timeout: Duration,
-    mut f: F,
+    f: F,
 ) -> BenchResult<KelpRun>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = BenchResult<KelpRun>>,
 {
-    let mut runs = Vec::with_capacity(repeat);
-    let mut calls = None;
-    for _ in 0..repeat {
-        let run = rt.block_on(async {
-            match tokio::time::timeout(timeout, f()).await {
-                Ok(run) => run,
-                Err(_) => Err(format!("timed out after {timeout:?}").into()),
-            }
-        })?;
-        calls = calls.or(run.calls);
-        runs.push(run.m);
-    }
-    let m = Measurement::best(runs).ok_or("no runs")?;
+    let runs = repeat_runs(rt, repeat, timeout, f)?;
+    let calls = runs.iter().find_map(|run| run.calls.clone());
+    let m = Measurement::best(runs.into_iter().map(|run| run.m).collect()).ok_or("no runs")?;
     Ok(KelpRun { m, calls })
 }
 
@@ -290,21 +230,6 @@ struct KombuRun {
     version: String,
     publish: Measurement,
     consume: Option<Measurement>,
-}
-
-/// The number after `"key":` in a flat JSON object (`None` if absent or `null`).
-fn json_number(json: &str, key: &str) -> Option<f64> {
-    let at = json.find(&format!("\"{key}\":"))? + key.len() + 3;
-    let rest = json.get(at..)?.trim_start();
-    let end = rest.find([',', '}']).unwrap_or(rest.len());
-    rest.get(..end)?.trim().parse().ok()
-}
-
-/// The string after `"key":` in a flat JSON object (no escapes expected).
-fn json_string(json: &str, key: &str) -> Option<String> {
-    let at = json.find(&format!("\"{key}\":"))? + key.len() + 3;
-    let rest = json.get(at..)?.trim_start().strip_prefix('"')?;
-    Some(rest.get(..rest.find('"')?)?.to_owned())
 }
 
 fn parse_kombu(json: &str) -> BenchResult<KombuRun> {
@@ -326,62 +251,28 @@ fn parse_kombu(json: &str) -> BenchResult<KombuRun> {
     })
 }
 
-/// `$KELP_PYTHON`, else [`DEFAULT_PYTHON`], if it imports kombu and redis.
-fn kombu_python() -> Option<String> {
-    let python = std::env::var("KELP_PYTHON")
-        .ok()
-        .filter(|p| !p.is_empty())
-        .unwrap_or_else(|| DEFAULT_PYTHON.to_owned());
-    let ok = Command::new(&python)
-        .args(["-c", "import kombu, redis"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    ok.then_some(python)
-}
-
-fn kombu_script() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python/kombu_redis_bench.py")
-}
-
-/// One Kombu run in a child Python process.
+/// One Kombu run in a child Python process (`python/kombu_redis_bench.py`).
 fn kombu_run(python: &str, url: &str, count: u64, phase: Phase) -> BenchResult<KombuRun> {
-    let script = kombu_script();
-    let out = Command::new(python)
-        .arg(&script)
-        .args(["--url", url, "--count", &count.to_string()])
-        .args(["--prefetch", &PREFETCH.to_string()])
-        .args(["--size", &MSG_SIZE.to_string()])
-        .args(["--timeout", &KOMBU_TIMEOUT_SECS.to_string()])
-        .args([
-            "--phase",
-            match phase {
-                Phase::Publish => "publish",
-                Phase::Consume => "both",
-            },
-        ])
-        .output()?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        return Err(format!(
-            "kombu: {} {} failed ({}): {}",
-            python,
-            script.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        )
-        .into());
-    }
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|l| l.trim_start().starts_with('{'))
-        .ok_or_else(|| format!("kombu: no JSON line in {stdout:?}"))?;
-    parse_kombu(line).map_err(|e| format!("kombu: {e} in {line:?}").into())
+    let (count, prefetch) = (count.to_string(), PREFETCH.to_string());
+    let (size, timeout) = (MSG_SIZE.to_string(), KOMBU_TIMEOUT_SECS.to_string());
+    let phase = match phase {
+        Phase::Publish => "publish",
+        Phase::Consume => "both",
+    };
+    let args = [
+        ("--url", url),
+        ("--count", &count),
+        ("--prefetch", &prefetch),
+        ("--size", &size),
+        ("--timeout", &timeout),
+        ("--phase", phase),
+    ];
+    run_script("kombu", python, "kombu_redis_bench.py", &args, parse_kombu)
 }
 
 /// Kombu's figure for `phase`, best of `repeat`, with its version; or why not.
 fn kombu_best(url: &str, count: u64, phase: Phase, repeat: usize) -> BenchResult<KombuResult> {
-    let Some(python) = kombu_python() else {
+    let Ok(python) = python_with("kombu, redis") else {
         return Ok(KombuResult::Skipped(format!(
             "kombu: skipped (no Python with kombu: set KELP_PYTHON or install kombu in \
              {DEFAULT_PYTHON})"
@@ -456,12 +347,6 @@ fn redis_benchmark(scenario: &str, url: &str, count: u64) -> String {
     }
 }
 
-fn goal_note(kelp: &Measurement, kombu: &Measurement) -> String {
-    let ratio = kelp.msgs_per_sec() / kombu.msgs_per_sec().max(1e-9);
-    let verdict = if ratio >= GOAL { "met" } else { "NOT met" };
-    format!("  (goal >= {GOAL:.0}x msgs/s: {verdict})")
-}
-
 /// `redis-publish` or `redis-consume`: kelp, Kombu and redis-benchmark, then the ratios.
 pub fn run(
     rt: &tokio::runtime::Runtime,
@@ -524,7 +409,11 @@ pub fn run(
             };
             line("kombu", &m, &what);
             for (who, k) in &kelp_lines {
-                println!("{}{}", format_ratio(who, k, "kombu", &m), goal_note(k, &m));
+                println!(
+                    "{}{}",
+                    format_ratio(who, k, "kombu", &m),
+                    ratio_goal_note(k, &m, GOAL, "msgs/s")
+                );
             }
         }
         KombuResult::Skipped(why) => println!("{why}"),

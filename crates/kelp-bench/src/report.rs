@@ -96,6 +96,7 @@ impl Measurement {
     /// whichever run it came, the least CPU. Where the machine is shared (the broker, other
     /// jobs), a run's CPU per message swings with how its writes happened to batch; the least
     /// is the least disturbed, and what a comparison of two layers should use.
+    #[cfg_attr(not(feature = "kelp"), allow(dead_code))] // Only `library` uses it.
     pub fn best_each(runs: &[Self]) -> Option<Self> {
         let wall = runs.iter().map(|m| m.wall).min()?;
         let cpu = runs.iter().map(|m| m.cpu).min()?;
@@ -149,6 +150,7 @@ pub fn format_ratio(
 
 /// `publish: kelp library vs kelp-amqp: -3.0% msgs/s (+3.1% time/msg), +25.9% cpu/msg`: what
 /// the library layer costs on top of the engine it runs on.
+#[cfg_attr(not(feature = "kelp"), allow(dead_code))] // Only `library` uses it.
 pub fn format_overhead(what: &str, lib: &Measurement, raw: &Measurement) -> String {
     let pct = |a: f64, b: f64| {
         if b > 0.0 {

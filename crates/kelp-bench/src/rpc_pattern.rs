@@ -18,14 +18,16 @@
 //! both; `getrusage` here, `time.process_time` in Python), never the broker's.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use kelp::patterns::{Format, RegisterOptions, Rpc, RpcError, RpcOptions};
 use kelp::{Connection, Queue};
 
+use crate::common::{
+    block_on_timeout, json_number, json_string, python_with, ratio_goal_note, run_script,
+    DEFAULT_PYTHON,
+};
 use crate::report::{format_line, format_ratio, Measurement, Percentiles, Timer};
 use crate::{fresh_queue_name, BenchResult};
 
@@ -35,8 +37,6 @@ pub const WINDOW: usize = 64;
 const WARMUP: u64 = 100;
 /// The headline goal: kelp at least this many times aio-pika's calls/s.
 const GOAL: f64 = 10.0;
-/// Python with aio-pika when `$KELP_PYTHON` is not set.
-const DEFAULT_PYTHON: &str = "/work/pyenv/bin/python";
 /// Bounds one aio-pika run (seconds).
 const AIO_PIKA_TIMEOUT_SECS: u64 = 600;
 const SCENARIO: &str = "rpc-pattern";
@@ -153,12 +153,7 @@ fn kelp_once(
     direct: bool,
     timeout: Duration,
 ) -> BenchResult<Run> {
-    rt.block_on(async {
-        match tokio::time::timeout(timeout, kelp_run(url, count, direct)).await {
-            Ok(run) => run,
-            Err(_) => Err(format!("timed out after {timeout:?}").into()),
-        }
-    })
+    block_on_timeout(rt, timeout, kelp_run(url, count, direct))
 }
 
 /// Of several runs, the highest calls/s of each measurement.
@@ -168,21 +163,6 @@ fn best_run(runs: Vec<Run>) -> BenchResult<Run> {
         windowed: Measurement::best(windowed).ok_or("no runs")?,
         seq: Measurement::best(seq).ok_or("no runs")?,
     })
-}
-
-/// The number after `"key":` in a flat JSON object (`None` if absent or `null`).
-fn json_number(json: &str, key: &str) -> Option<f64> {
-    let at = json.find(&format!("\"{key}\":"))? + key.len() + 3;
-    let rest = json.get(at..)?.trim_start();
-    let end = rest.find([',', '}']).unwrap_or(rest.len());
-    rest.get(..end)?.trim().parse().ok()
-}
-
-/// The string after `"key":` in a flat JSON object (no escapes expected).
-fn json_string(json: &str, key: &str) -> Option<String> {
-    let at = json.find(&format!("\"{key}\":"))? + key.len() + 3;
-    let rest = json.get(at..)?.trim_start().strip_prefix('"')?;
-    Some(rest.get(..rest.find('"')?)?.to_owned())
 }
 
 /// The script's JSON line: its version and its run.
@@ -215,60 +195,24 @@ fn parse_aio_pika(json: &str) -> BenchResult<(String, Run)> {
     Ok((version, run))
 }
 
-/// `$KELP_PYTHON`, else [`DEFAULT_PYTHON`]: `Ok` if it imports aio_pika, else `Err` with it.
-fn aio_pika_python() -> Result<String, String> {
-    let python = std::env::var("KELP_PYTHON")
-        .ok()
-        .filter(|p| !p.is_empty())
-        .unwrap_or_else(|| DEFAULT_PYTHON.to_owned());
-    let ok = Command::new(&python)
-        .args(["-c", "import aio_pika"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if ok {
-        Ok(python)
-    } else {
-        Err(python)
-    }
-}
-
-fn aio_pika_script() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("python/aio_pika_rpc_bench.py")
-}
-
-/// One aio-pika run in a child Python process.
+/// One aio-pika run in a child Python process (`python/aio_pika_rpc_bench.py`).
 fn aio_pika_run(python: &str, url: &str, count: u64) -> BenchResult<(String, Run)> {
-    let script = aio_pika_script();
-    let out = Command::new(python)
-        .arg(&script)
-        .args(["--url", url, "--count", &count.to_string()])
-        .args(["--window", &WINDOW.to_string()])
-        .args(["--warmup", &WARMUP.to_string()])
-        .args(["--timeout", &AIO_PIKA_TIMEOUT_SECS.to_string()])
-        .output()?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        return Err(format!(
-            "aio-pika: {} {} failed ({}): {}",
-            python,
-            script.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        )
-        .into());
-    }
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|l| l.trim_start().starts_with('{'))
-        .ok_or_else(|| format!("aio-pika: no JSON line in {stdout:?}"))?;
-    parse_aio_pika(line).map_err(|e| format!("aio-pika: {e} in {line:?}").into())
-}
-
-fn goal_note(kelp: &Measurement, aio_pika: &Measurement) -> String {
-    let ratio = kelp.msgs_per_sec() / aio_pika.msgs_per_sec().max(1e-9);
-    let verdict = if ratio >= GOAL { "met" } else { "NOT met" };
-    format!("  (goal >= {GOAL:.0}x calls/s: {verdict})")
+    let (count, window) = (count.to_string(), WINDOW.to_string());
+    let (warmup, timeout) = (WARMUP.to_string(), AIO_PIKA_TIMEOUT_SECS.to_string());
+    let args = [
+        ("--url", url),
+        ("--count", &count),
+        ("--window", &window),
+        ("--warmup", &warmup),
+        ("--timeout", &timeout),
+    ];
+    run_script(
+        "aio-pika",
+        python,
+        "aio_pika_rpc_bench.py",
+        &args,
+        parse_aio_pika,
+    )
 }
 
 /// `rpc-pattern`: kelp (queue reply), kelp (direct reply-to) and aio-pika, then the ratios.
@@ -283,7 +227,7 @@ pub fn run(
         println!("{}  {what}", format_line(SCENARIO, who, m));
     };
     // The three sides take turns, so each sees the broker and the machine as the others do.
-    let python = aio_pika_python();
+    let python = python_with("aio_pika");
     let (mut queue, mut direct, mut aio_pika) = (Vec::new(), Vec::new(), Vec::new());
     let mut version = String::new();
     for _ in 0..repeat {
@@ -342,7 +286,7 @@ pub fn run(
             println!(
                 "{}{}",
                 format_ratio(who, m, "aio-pika", &run.windowed),
-                goal_note(m, &run.windowed)
+                ratio_goal_note(m, &run.windowed, GOAL, "calls/s")
             );
         }
         for (who, m) in [("kelp-seq", &queue.seq), ("kelp-direct-seq", &direct.seq)] {

@@ -19,11 +19,13 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use futures_util::stream::{FuturesUnordered, StreamExt};
-use kelp::{Connection, Consumer, Producer, PublishOptions, Queue};
+use kelp::{Connection, Producer, Queue};
 
+use crate::common::{
+    ack_each, expect_body_bytes, expect_size, publish_all, queue_consumer, repeat_runs, verdict,
+};
 use crate::report::{format_line, Measurement, Timer};
-use crate::{fresh_queue_name, BenchResult, MSG_SIZE, PAYLOAD};
+use crate::{fresh_queue_name, BenchResult, MSG_SIZE};
 
 /// Consumer prefetch.
 pub const PREFETCH: u16 = 100;
@@ -105,35 +107,6 @@ fn filesystem_of(path: &Path) -> Option<String> {
         .map(|(_, kind)| kind)
 }
 
-/// Publish `count` bodies with at most `window` publishes in flight.
-async fn publish_all(producer: &Producer, count: u64, window: usize) -> BenchResult<()> {
-    let mut in_flight = FuturesUnordered::new();
-    for _ in 0..count {
-        if in_flight.len() >= window {
-            if let Some(done) = in_flight.next().await {
-                done?;
-            }
-        }
-        in_flight.push(producer.publish(&PAYLOAD[..], PublishOptions::default()));
-    }
-    while let Some(done) = in_flight.next().await {
-        done?;
-    }
-    Ok(())
-}
-
-async fn expect_size(ch: &kelp::Channel, queue: &str, count: u64) -> BenchResult<()> {
-    let got = Queue::new(queue)
-        .passive(true)
-        .declare(ch)
-        .await?
-        .message_count;
-    if u64::from(got) != count {
-        return Err(format!("queue {queue} holds {got} messages, expected {count}").into());
-    }
-    Ok(())
-}
-
 /// What one run measured, and whether the database was seen in WAL mode.
 #[derive(Debug)]
 struct SqliteRun {
@@ -171,25 +144,11 @@ async fn consume(count: u64) -> BenchResult<SqliteRun> {
     expect_size(&ch, &queue, count).await?;
     let cch = conn.channel().await?;
     let timer = Timer::start()?;
-    let mut consumer = Consumer::builder(&cch)
-        .queue(Queue::new(queue.as_str()).no_declare(true))
-        .prefetch_count(PREFETCH)
-        .build()
-        .await?;
-    let mut bytes = 0usize;
-    for _ in 0..count {
-        let mut msg = consumer
-            .next()
-            .await
-            .ok_or("kelp sqlite: consumer ended early")??;
-        bytes += msg.body().len();
-        msg.ack().await?;
-    }
+    let mut consumer = queue_consumer(&cch, &queue, PREFETCH).await?;
+    let bytes = ack_each(&mut consumer, count, "kelp sqlite").await?;
     let m = timer.stop(count)?;
     let wal = db.wal_seen();
-    if bytes as u64 != count * MSG_SIZE as u64 {
-        return Err(format!("kelp sqlite: {bytes} body bytes for {count} messages").into());
-    }
+    expect_body_bytes("kelp sqlite", bytes, count)?;
     consumer.cancel().await?;
     // The acks went to this connection's writer before this declare: all are written.
     expect_size(&ch, &queue, 0).await?;
@@ -202,35 +161,23 @@ fn best<F, Fut>(
     rt: &tokio::runtime::Runtime,
     repeat: usize,
     timeout: Duration,
-    mut f: F,
+    f: F,
 ) -> BenchResult<SqliteRun>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = BenchResult<SqliteRun>>,
 {
-    let mut runs = Vec::with_capacity(repeat);
-    let mut wal = true;
-    for _ in 0..repeat {
-        let run = rt.block_on(async {
-            match tokio::time::timeout(timeout, f()).await {
-                Ok(run) => run,
-                Err(_) => Err(format!("timed out after {timeout:?}").into()),
-            }
-        })?;
-        wal &= run.wal;
-        runs.push(run.m);
-    }
-    let m = Measurement::best(runs).ok_or("no runs")?;
+    let runs = repeat_runs(rt, repeat, timeout, f)?;
+    let wal = runs.iter().all(|run| run.wal);
+    let m = Measurement::best(runs.into_iter().map(|run| run.m).collect()).ok_or("no runs")?;
     Ok(SqliteRun { m, wal })
 }
 
 fn goal_note(m: &Measurement, goal: f64) -> String {
-    let verdict = if m.msgs_per_sec() >= goal {
-        "met"
-    } else {
-        "NOT met"
-    };
-    format!("(goal >= {goal:.0} msgs/s: {verdict})")
+    format!(
+        "(goal >= {goal:.0} msgs/s: {})",
+        verdict(m.msgs_per_sec() >= goal)
+    )
 }
 
 /// `<fsync mode>` and whether the WAL file was seen.
