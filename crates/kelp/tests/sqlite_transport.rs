@@ -301,3 +301,64 @@ async fn cancelling_a_no_ack_consumer_loses_no_message() {
         lost_rounds.len()
     );
 }
+
+/// Closing a channel while its no_ack consumer's messages are being taken loses none of them:
+/// what was taken but not handed over goes back to the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_a_channel_with_a_no_ack_consumer_loses_no_message() {
+    const ROUNDS: usize = 200;
+    const N: usize = 10;
+    let db = temp_db("no-ack-close");
+    let conn = Connection::open(&url(&db, "")).await.unwrap();
+    let ch = conn.channel().await.unwrap();
+    let p = Producer::new(&ch);
+    let mut lost_rounds = Vec::new();
+    for round in 0..ROUNDS {
+        let queue = format!("no-ack-close-{round}");
+        ch.declare_queue(Queue::new(&queue)).await.unwrap();
+        for i in 0..N {
+            p.publish(i.to_string(), PublishOptions::default().routing_key(&queue))
+                .await
+                .unwrap();
+        }
+        let cch = conn.channel().await.unwrap();
+        let mut c = Consumer::builder(&cch)
+            .queue(Queue::new(&queue).no_declare(true))
+            .no_ack(true)
+            .build()
+            .await
+            .unwrap();
+        let mut received = HashSet::new();
+        let k = round % 3;
+        while received.len() < k {
+            let m = c.next_timeout(common::WAIT).await.unwrap().unwrap();
+            received.insert(String::from_utf8_lossy(m.body()).into_owned());
+        }
+        for _ in 0..(round / 3) % 8 {
+            tokio::task::yield_now().await;
+        }
+        cch.close().await.unwrap();
+        // What was handed over before the close may still be read; then the stream ends.
+        while let Ok(Some(m)) = c.next_timeout(Duration::from_millis(200)).await {
+            received.insert(String::from_utf8_lossy(m.body()).into_owned());
+        }
+        let mut left = HashSet::new();
+        while let Some(m) = ch.raw().get(&queue, true).await.unwrap() {
+            left.insert(String::from_utf8_lossy(&m.body).into_owned());
+        }
+        assert!(
+            received.is_disjoint(&left),
+            "round {round}: delivered and still queued: {:?}",
+            received.intersection(&left).collect::<Vec<_>>()
+        );
+        if received.len() + left.len() != N {
+            lost_rounds.push((round, received.len(), left.len()));
+        }
+    }
+    conn.close().await.unwrap();
+    assert!(
+        lost_rounds.is_empty(),
+        "messages lost in {} of {ROUNDS} rounds (round, received, left): {lost_rounds:?}",
+        lost_rounds.len()
+    );
+}

@@ -1551,24 +1551,34 @@ impl TransportChannel for SqliteChannel {
             if self.closed.swap(true, Ordering::AcqRel) {
                 return Ok(());
             }
-            if let Ok(mut p) = self.pump.lock() {
-                if let Some(h) = p.take() {
-                    h.abort();
+            let regs: Vec<(String, u64)> = match self.state.lock() {
+                Ok(mut s) => std::mem::take(&mut s.consumers)
+                    .into_iter()
+                    .map(|(_, e)| (e.queue, e.reg))
+                    .collect(),
+                Err(_) => Vec::new(),
+            };
+            // The consumer loop is not cut off mid-take (no_ack messages it is taking are
+            // already deleted from the file): it finishes the take, finds the consumers gone,
+            // gives the messages back and ends. Aborted only if it does not end in time.
+            let pump = self.pump.lock().ok().and_then(|mut p| p.take());
+            if let Some(h) = pump {
+                let abort = h.abort_handle();
+                self.credit.notify_waiters();
+                if tokio::time::timeout(Duration::from_secs(5), h)
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!("sqlite consumer loop did not end with its channel");
+                    abort.abort();
                 }
             }
-            let (ids, regs): (Vec<i64>, Vec<(String, u64)>) = match self.state.lock() {
-                Ok(mut s) => {
-                    let queues: Vec<(String, u64)> = std::mem::take(&mut s.consumers)
-                        .into_iter()
-                        .map(|(_, e)| (e.queue, e.reg))
-                        .collect();
-                    let ids = std::mem::take(&mut s.unacked)
-                        .into_values()
-                        .map(|(id, _, _)| id)
-                        .collect();
-                    (ids, queues)
-                }
-                Err(_) => (Vec::new(), Vec::new()),
+            let ids: Vec<i64> = match self.state.lock() {
+                Ok(mut s) => std::mem::take(&mut s.unacked)
+                    .into_values()
+                    .map(|(id, _, _)| id)
+                    .collect(),
+                Err(_) => Vec::new(),
             };
             for (q, reg) in &regs {
                 self.unregister(q, *reg);
