@@ -580,13 +580,7 @@ impl Drop for SqliteChannel {
                 h.abort();
             }
         }
-        let ids: Vec<i64> = match self.state.lock() {
-            Ok(mut s) => std::mem::take(&mut s.unacked)
-                .into_values()
-                .map(|(id, _, _)| id)
-                .collect(),
-            Err(_) => Vec::new(),
-        };
+        let ids = self.take_unacked_ids();
         if ids.is_empty() || self.shared.is_closed() {
             return;
         }
@@ -924,29 +918,15 @@ impl SqliteChannel {
         }
     }
 
-    /// A channel-level error (404, 405, 406, 403 …) closes the channel, as in AMQP: its
-    /// unacked messages go back to their queues and its consumers end.
-    fn soft_error(&self, e: Error) -> Error {
-        if !matches!(e, Error::Broker(_)) || self.closed.swap(true, Ordering::AcqRel) {
-            return e;
-        }
-        if let Ok(mut p) = self.pump.lock() {
-            if let Some(h) = p.take() {
-                h.abort();
-            }
-        }
-        let (ids, regs): (Vec<i64>, Vec<(String, u64)>) = match self.state.lock() {
-            Ok(mut s) => (
-                std::mem::take(&mut s.unacked)
-                    .into_values()
-                    .map(|(id, _, _)| id)
-                    .collect(),
-                std::mem::take(&mut s.consumers)
-                    .into_iter()
-                    .map(|(_, e)| (e.queue, e.reg))
-                    .collect(),
-            ),
-            Err(_) => (Vec::new(), Vec::new()),
+    /// End every consumer of the channel: out of the channel's state and the file's consumer
+    /// registry and counts. Returns their queues.
+    fn drop_consumers(&self) -> Vec<String> {
+        let regs: Vec<(String, u64)> = match self.state.lock() {
+            Ok(mut s) => std::mem::take(&mut s.consumers)
+                .into_iter()
+                .map(|(_, e)| (e.queue, e.reg))
+                .collect(),
+            Err(_) => Vec::new(),
         };
         for (q, reg) in &regs {
             self.unregister(q, *reg);
@@ -959,6 +939,32 @@ impl SqliteChannel {
                 }
             }
         }
+        queues
+    }
+
+    /// Forget every unacked message of the channel; returns their ids, to release.
+    fn take_unacked_ids(&self) -> Vec<i64> {
+        match self.state.lock() {
+            Ok(mut s) => std::mem::take(&mut s.unacked)
+                .into_values()
+                .map(|(id, _, _)| id)
+                .collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// A channel-level error (404, 405, 406, 403 …) closes the channel, as in AMQP: its
+    /// unacked messages go back to their queues and its consumers end.
+    fn soft_error(&self, e: Error) -> Error {
+        if !matches!(e, Error::Broker(_)) || self.closed.swap(true, Ordering::AcqRel) {
+            return e;
+        }
+        // The consumer loop is not aborted (a take in progress has already deleted its no_ack
+        // messages from the file): it sees the channel closed and its consumers gone, gives
+        // back what it took, and ends.
+        self.drop_consumers();
+        self.credit.notify_waiters();
+        let ids = self.take_unacked_ids();
         if !ids.is_empty() {
             let shared = self.shared.clone();
             tokio::spawn(async move {
@@ -1551,13 +1557,7 @@ impl TransportChannel for SqliteChannel {
             if self.closed.swap(true, Ordering::AcqRel) {
                 return Ok(());
             }
-            let regs: Vec<(String, u64)> = match self.state.lock() {
-                Ok(mut s) => std::mem::take(&mut s.consumers)
-                    .into_iter()
-                    .map(|(_, e)| (e.queue, e.reg))
-                    .collect(),
-                Err(_) => Vec::new(),
-            };
+            let queues = self.drop_consumers();
             // The consumer loop is not cut off mid-take (no_ack messages it is taking are
             // already deleted from the file): it finishes the take, finds the consumers gone,
             // gives the messages back and ends. Aborted only if it does not end in time.
@@ -1573,24 +1573,7 @@ impl TransportChannel for SqliteChannel {
                     abort.abort();
                 }
             }
-            let ids: Vec<i64> = match self.state.lock() {
-                Ok(mut s) => std::mem::take(&mut s.unacked)
-                    .into_values()
-                    .map(|(id, _, _)| id)
-                    .collect(),
-                Err(_) => Vec::new(),
-            };
-            for (q, reg) in &regs {
-                self.unregister(q, *reg);
-            }
-            let queues: Vec<String> = regs.into_iter().map(|(q, _)| q).collect();
-            if let Ok(mut c) = self.shared.consumers.lock() {
-                for q in &queues {
-                    if let Some(n) = c.get_mut(q) {
-                        *n = n.saturating_sub(1);
-                    }
-                }
-            }
+            let ids = self.take_unacked_ids();
             if !ids.is_empty() {
                 self.shared
                     .write(move |tx, _| store::release(tx, &ids))
