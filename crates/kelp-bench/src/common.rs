@@ -232,6 +232,21 @@ pub fn json_string(json: &str, key: &str) -> Option<String> {
     Some(rest.get(..rest.find('"')?)?.to_owned())
 }
 
+/// One timed phase a comparison script printed: `count` operations, wall seconds under
+/// `wall`, CPU seconds under `cpu` (`None` if either is missing or not a duration).
+#[cfg(feature = "kelp")]
+pub fn json_phase(json: &str, wall: &str, cpu: &str) -> Option<crate::report::Measurement> {
+    let count = json_number(json, "count")?;
+    let (wall, cpu) = (json_number(json, wall)?, json_number(json, cpu)?);
+    Some(crate::report::Measurement {
+        // A count printed by the script: a whole number.
+        msgs: count as u64,
+        wall: Duration::try_from_secs_f64(wall).ok()?,
+        cpu: Duration::try_from_secs_f64(cpu).ok()?,
+        latency: None,
+    })
+}
+
 #[cfg(all(test, feature = "kelp"))]
 mod tests {
     use super::*;

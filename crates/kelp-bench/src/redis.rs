@@ -24,8 +24,8 @@ use std::time::Duration;
 use kelp::{Connection, Producer, Queue};
 
 use crate::common::{
-    ack_each, expect_body_bytes, expect_size, json_number, json_string, publish_all, python_with,
-    queue_consumer, ratio_goal_note, repeat_runs, run_script, DEFAULT_PYTHON,
+    ack_each, expect_body_bytes, expect_size, json_number, json_phase, json_string, publish_all,
+    python_with, queue_consumer, ratio_goal_note, repeat_runs, run_script, DEFAULT_PYTHON,
 };
 use crate::report::{format_line, format_ratio, Measurement, Timer};
 use crate::{fresh_queue_name, BenchResult, MSG_SIZE};
@@ -234,17 +234,8 @@ struct KombuRun {
 }
 
 fn parse_kombu(json: &str) -> BenchResult<KombuRun> {
-    let count = json_number(json, "count").ok_or("no count")?;
-    let phase = |wall: &str, cpu: &str| {
-        let (wall, cpu) = (json_number(json, wall)?, json_number(json, cpu)?);
-        Some(Measurement {
-            // A message count printed by the script: a whole number.
-            msgs: count as u64,
-            wall: Duration::try_from_secs_f64(wall).ok()?,
-            cpu: Duration::try_from_secs_f64(cpu).ok()?,
-            latency: None,
-        })
-    };
+    json_number(json, "count").ok_or("no count")?;
+    let phase = |wall: &str, cpu: &str| json_phase(json, wall, cpu);
     Ok(KombuRun {
         version: json_string(json, "kombu").unwrap_or_else(|| "?".into()),
         publish: phase("publish_s", "publish_cpu_s").ok_or("no publish figures")?,

@@ -25,8 +25,8 @@ use kelp::patterns::{Format, RegisterOptions, Rpc, RpcError, RpcOptions};
 use kelp::{Connection, Queue};
 
 use crate::common::{
-    block_on_timeout, json_number, json_string, python_with, ratio_goal_note, run_script,
-    DEFAULT_PYTHON,
+    block_on_timeout, json_number, json_phase, json_string, python_with, ratio_goal_note,
+    run_script, DEFAULT_PYTHON,
 };
 use crate::report::{format_line, format_ratio, Measurement, Percentiles, Timer};
 use crate::{fresh_queue_name, BenchResult};
@@ -167,17 +167,8 @@ fn best_run(runs: Vec<Run>) -> BenchResult<Run> {
 
 /// The script's JSON line: its version and its run.
 fn parse_aio_pika(json: &str) -> BenchResult<(String, Run)> {
-    let count = json_number(json, "count").ok_or("no count")?;
-    let phase = |wall: &str, cpu: &str| {
-        let (wall, cpu) = (json_number(json, wall)?, json_number(json, cpu)?);
-        Some(Measurement {
-            // A call count printed by the script: a whole number.
-            msgs: count as u64,
-            wall: Duration::try_from_secs_f64(wall).ok()?,
-            cpu: Duration::try_from_secs_f64(cpu).ok()?,
-            latency: None,
-        })
-    };
+    json_number(json, "count").ok_or("no count")?;
+    let phase = |wall: &str, cpu: &str| json_phase(json, wall, cpu);
     let latency = match (
         json_number(json, "seq_p50_us"),
         json_number(json, "seq_p99_us"),
